@@ -1,0 +1,888 @@
+"""DiverseGRPO in one file: GRPO fine-tuning of flow models that keeps the images of a prompt diverse.
+
+Papers
+  DiverseGRPO: Mitigating Mode Collapse in Image Generation via Diversity-Aware GRPO (arXiv 2512.21514, CVPR 2026)
+  Flow-GRPO: Training Flow Matching Models via Online RL (arXiv 2505.05470), whose sampler and loss this builds on
+
+GRPO samples a group of G images per prompt, scores them with a reward model and pushes the policy towards the
+better ones. Late in training every image of a prompt looks the same (mode collapse). DiverseGRPO adds
+  1. a creativity bonus: spectral clustering of the group; an image in a small cluster earns sqrt(N / n_k);
+  2. a structure-aware regularizer: a squared-W2 pull towards the frozen reference on the first K (noisiest)
+     denoising steps only, where an image's composition is decided, and no constraint after.
+
+Run     python diversegrpo.py --config configs.yaml                 (a 2-D toy, CPU, about a minute)
+        python diversegrpo.py --config configs.yaml --preset sd3_pickscore
+Test    python -m pytest -q test_diversegrpo.py
+
+Conventions (used everywhere below)
+  * Rectified flow: x_t = (1 - t) * x_0 + t * eps. t = sigma = 1 is pure noise, t = 0 is data; velocity v = eps - x_0.
+  * Sampling runs sigma_0 = 1 -> sigma_T = 0, so dt = sigma_{i+1} - sigma_i is negative.
+  * Step i counts from the noise end: step 0 is the first, noisiest step; "the first K steps" means i < K.
+  * A per-sample log-prob is the MEAN over every non-batch element (C, H, W, or the toy's 2 coordinates), as in
+    Flow-GRPO. That is why the PPO clip range is tiny (1e-4).
+  * Shape letters: P prompts per iteration, G group size (N in the paper's bonus), B = P * G samples,
+    T denoising steps, D feature size, C, H, W latent channels and size.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+# ---- 1. Config: one dataclass tree, filled from a named preset in configs.yaml ----
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10  # T, SDE steps of a training rollout
+    eval_num_steps: int = 20  # ODE steps at evaluation
+    noise_level: float = 0.7  # a in the SDE's sd = a * sqrt(sigma / (1 - sigma))
+    shift: float = 1.0  # timestep shift of the flow-matching schedule
+    group_size: int = 24  # G, samples per prompt
+    prompts_per_iter: int = 2  # P, prompts per iteration
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 400  # sample -> update rounds per method
+    lr: float = 2e-3  # AdamW learning rate of the LoRA weights
+    weight_decay: float = 1e-4
+    clip_range: float = 1e-4  # PPO ratio clip
+    adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
+    max_grad_norm: float = 1.0
+    kl_beta: float = 0.0  # weight of the Flow-GRPO KL, used by the methods that turn the KL on
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    eval_every: int = 20  # evaluate every this many iterations
+
+
+@dataclass
+class DiverseConfig:
+    beta: float = 0.1  # weight of the creativity bonus in R = Q + beta * E
+    n_clusters: int | str = "auto"  # k of the spectral clustering, or "auto" (eigengap)
+    sigma: float | None = 0.3  # affinity bandwidth; None = median off-diagonal distance
+    K: int = 4  # the regularizer acts on steps i < K
+    lambda_w: float = 10.0  # weight of the squared-W2 regularizer
+
+
+@dataclass
+class ToyConfig:
+    pretrain_iters: int = 3000  # rectified-flow matching steps of the base model
+    pretrain_batch: int = 512
+    pretrain_lr: float = 2e-3
+    hidden: int = 128  # MLP width
+    mode_std: float = 0.08  # std of each Gaussian mode of the data
+    reward_width: float = 0.25  # width of each reward bump
+    eval_samples: int = 256  # ODE samples per prompt at evaluation
+
+
+@dataclass
+class Config:
+    backbone: str = "toy"  # toy | sd3 | flux
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"  # compute dtype of the backbone; the SDE arithmetic is always float32
+    output_dir: str = "runs/toy"
+    methods: list = field(default_factory=lambda: ["grpo", "diversegrpo"])
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    diverse: DiverseConfig = field(default_factory=DiverseConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
+
+
+# Which terms each method switches on. Their strengths come from the config, so every method shares one set of
+# hyperparameters and differs only in what it adds to plain GRPO.
+METHODS = {
+    "grpo": dict(bonus=False, w2=False, kl=False),  # Flow-GRPO, the paper's baseline (KL 0)
+    "grpo_kl": dict(bonus=False, w2=False, kl=True),  # Flow-GRPO with its KL on every trained step
+    "bonus_only": dict(bonus=True, w2=False, kl=False),
+    "reg_only": dict(bonus=False, w2=True, kl=False),
+    "diversegrpo": dict(bonus=True, w2=True, kl=False),
+}
+
+
+class ConfigError(ValueError):
+    """A bad config; main() prints it as one line and exits with status 2."""
+
+
+def _check_type(name, value, annotation):
+    """Return value converted to annotation's type, or raise ConfigError naming the key."""
+    if annotation == float | None:
+        return None if value is None else _check_type(name, value, float)
+    if annotation == int | str:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{name}: expected an integer or 'auto', got {value!r}")
+        return value
+    if annotation is float:
+        # PyYAML reads 1e-3 (no dot) as a string, so a numeric string is accepted for a float key.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if annotation is str and not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if annotation is list and not isinstance(value, list):
+        raise ConfigError(f"{name}: expected a list, got {value!r}")
+    return value
+
+
+def _fill(node, values, prefix=""):
+    """Write a nested dict of values into a dataclass tree; an unknown key or a wrong type is a ConfigError."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'preset'}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    for key, value in values.items():
+        name = prefix + str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{name}'")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            _fill(current, value, name + ".")
+        else:
+            setattr(node, key, _check_type(name, value, fields[key].type))
+
+
+def _parse_override(text, cfg):
+    """'train.lr=1e-3' -> ({'train': {'lr': 1e-3}}); the value is typed like the key's default."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    node, parts = cfg, key.split(".")
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            raise ConfigError(f"unknown config key '{key}'")
+        node = getattr(node, part)
+    if not dataclasses.is_dataclass(node) or not hasattr(node, parts[-1]):
+        raise ConfigError(f"unknown config key '{key}'")
+    annotation = {f.name: f.type for f in dataclasses.fields(node)}[parts[-1]]
+    # A plain string key takes the text as it is (so "output_dir=123" stays a path); others are parsed as YAML.
+    value = raw if annotation is str else yaml.safe_load(raw)
+    tree = value
+    for part in reversed(parts):
+        tree = {part: tree}
+    return tree
+
+
+def validate(cfg):
+    """Reject impossible combinations with one line that names the key."""
+    s, t, d = cfg.sampling, cfg.train, cfg.diverse
+    if cfg.backbone not in ("toy", "sd3", "flux"):
+        raise ConfigError(f"backbone: expected toy, sd3 or flux, got '{cfg.backbone}'")
+    for method in cfg.methods:
+        if method not in METHODS:
+            raise ConfigError(f"methods: unknown method '{method}' (choose from {', '.join(METHODS)})")
+    if not cfg.methods:
+        raise ConfigError("methods: the list is empty")
+    if s.group_size < 2:
+        raise ConfigError(f"sampling.group_size: must be at least 2, got {s.group_size}")
+    if s.num_steps < 2:
+        raise ConfigError(f"sampling.num_steps: must be at least 2 (the last step is never trained), got {s.num_steps}")
+    if s.eval_num_steps < 1:
+        raise ConfigError(f"sampling.eval_num_steps: must be at least 1, got {s.eval_num_steps}")
+    if s.prompts_per_iter < 1:
+        raise ConfigError(f"sampling.prompts_per_iter: must be at least 1, got {s.prompts_per_iter}")
+    if not 0.0 <= s.noise_level < 2.0:
+        raise ConfigError(f"sampling.noise_level: must be in [0, 2), got {s.noise_level}")
+    if s.shift <= 0:
+        raise ConfigError(f"sampling.shift: must be positive, got {s.shift}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if t.iterations < 1 or t.eval_every < 1:
+        raise ConfigError("train.iterations and train.eval_every: must be at least 1")
+    if t.clip_range <= 0 or t.adv_clip <= 0 or t.max_grad_norm <= 0:
+        raise ConfigError("train.clip_range, train.adv_clip and train.max_grad_norm: must be positive")
+    if t.kl_beta < 0 or d.beta < 0 or d.lambda_w < 0:
+        raise ConfigError("train.kl_beta, diverse.beta and diverse.lambda_w: must not be negative")
+    if d.K < 0 or d.K > s.num_steps:
+        raise ConfigError(f"diverse.K: must be in [0, sampling.num_steps={s.num_steps}], got {d.K}")
+    if isinstance(d.n_clusters, str) and d.n_clusters != "auto":
+        raise ConfigError(f"diverse.n_clusters: expected an integer or 'auto', got '{d.n_clusters}'")
+    if isinstance(d.n_clusters, int) and not 1 <= d.n_clusters < s.group_size:
+        raise ConfigError(
+            f"diverse.n_clusters: must be at least 1 and below sampling.group_size={s.group_size}, got {d.n_clusters}"
+        )
+    if d.sigma is not None and d.sigma <= 0:
+        raise ConfigError(f"diverse.sigma: must be positive or null, got {d.sigma}")
+    if cfg.backbone == "toy" and s.prompts_per_iter > len(TOY_PROMPTS):
+        raise ConfigError(
+            f"sampling.prompts_per_iter: the toy has {len(TOY_PROMPTS)} prompts, got {s.prompts_per_iter}"
+        )
+
+
+def load_config(path, preset="toy", overrides=()):
+    """Read a preset (a top-level section) of a YAML file over the dataclass defaults, then apply --set overrides."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            presets = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(presets, dict) or preset not in presets:
+        names = ", ".join(presets) if isinstance(presets, dict) else "none"
+        raise ConfigError(f"unknown preset '{preset}' in {path} (presets: {names})")
+    cfg = Config()
+    _fill(cfg, presets[preset] or {})
+    for text in overrides:
+        _fill(cfg, _parse_override(text, cfg))
+    validate(cfg)
+    return cfg
+
+
+# ---- 2. SDE sampling with log-probs (Flow-GRPO sec 4.1, METHOD §1) ----
+
+
+def flow_match_sigmas(num_steps, shift=1.0):
+    """The sigma schedule of diffusers' FlowMatchEulerDiscreteScheduler (static shift): 1 -> 0 in num_steps steps.
+
+    shifted(s) = shift * s / (1 + (shift - 1) * s). Returns a float32 tensor of num_steps + 1 values ending in 0;
+    for shift 3 and 10 steps: 1, .960, .913, .858, .790, .707, .602, .465, .278, .0089, 0.
+    """
+
+    def shifted(s):
+        return shift * s / (1 + (shift - 1) * s)
+
+    # diffusers shifts twice: its smallest sigma (1/1000 of 1000 train steps) is shifted once in __init__, then the
+    # linspace down to it is shifted again. That is why SD3's last nonzero sigma is .0089, not .0030.
+    sigmas = shifted(torch.linspace(1.0, shifted(1.0 / 1000), num_steps, dtype=torch.float64))
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def _per_sample(value, like):
+    """A float or a (B,) tensor -> a float32 tensor that broadcasts against `like` (B, ...)."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    return value.reshape(-1, *([1] * (like.dim() - 1))) if value.dim() == 1 else value
+
+
+def _mean_per_sample(x):
+    """(B, ...) -> (B,): the mean over every non-batch element."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
+    """One step of Flow-GRPO's marginal-preserving SDE, and the log-prob of its result.
+
+        sd   = a * sqrt(s / (1 - s))          with s -> sigma_next in the denominator where s == 1
+        mu   = x + [v + sd^2 / (2 s) * (x + (1 - s) v)] * dt,       dt = sigma_next - sigma < 0
+        std  = sd * sqrt(-dt)
+        x'   = mu + std * noise
+        log p(x') = mean over elements of  -(x' - mu)^2 / (2 std^2) - log std - log sqrt(2 pi)
+
+    With noise_level a = 0 this is the Euler ODE step x + v * dt; a deterministic step has no density, so
+    log_prob is returned as zeros and must not be trained on. sigma and sigma_next are floats or (B,) tensors.
+    With prev_sample given, that sample is scored instead of a new one drawn (it is treated as a constant).
+    Returns (prev_sample, log_prob (B,), prev_sample_mean, std_dev); the arithmetic is float32 whatever the
+    model's dtype, since bf16 overflows in the mean.
+    """
+    velocity, sample = velocity.float(), sample.float()
+    sigma, sigma_next = _per_sample(sigma, sample), _per_sample(sigma_next, sample)
+    dt = sigma_next - sigma
+    # At sigma == 1 the formula divides by zero; Flow-GRPO uses the schedule's second value there instead.
+    sigma_denominator = torch.where(sigma == 1, sigma_next, sigma)
+    sd = noise_level * torch.sqrt(sigma / (1 - sigma_denominator))
+    prev_sample_mean = sample + (velocity + sd**2 / (2 * sigma) * (sample + (1 - sigma) * velocity)) * dt
+    std_dev = sd * torch.sqrt(-dt)
+    if prev_sample is None:
+        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        prev_sample = prev_sample_mean + std_dev * noise
+    prev_sample = prev_sample.detach().float()
+    if noise_level == 0:
+        return prev_sample, torch.zeros(sample.shape[0], device=sample.device), prev_sample_mean, std_dev
+    log_density = (
+        -((prev_sample - prev_sample_mean) ** 2) / (2 * std_dev**2)
+        - torch.log(std_dev)
+        - math.log(math.sqrt(2 * math.pi))
+    )
+    return prev_sample, _mean_per_sample(log_density), prev_sample_mean, std_dev
+
+
+# ---- 3. GRPO: group advantages, clipped surrogate, and Flow-GRPO's KL (METHOD §2) ----
+
+
+def group_advantages(rewards, eps=1e-4, clip=5.0):
+    """A = clip((R - mean_group) / (std_group + eps), -clip, clip) for rewards (P, G) -> advantages (P, G).
+
+    The std is the unbiased one (torch's default): it reproduces the paper's Figure 2, rewards
+    [2.14, 4.14, 3.14, 4.00] -> advantages [-1.316, 0.851, -0.233, 0.699]. Flow-GRPO's code used numpy's biased
+    std, and optionally one std over the whole batch instead of per group.
+    """
+    mean = rewards.mean(dim=1, keepdim=True)  # (P, G) -> (P, 1)
+    std = rewards.std(dim=1, keepdim=True)  # (P, G) -> (P, 1), unbiased
+    return ((rewards - mean) / (std + eps)).clamp(-clip, clip)
+
+
+def grpo_loss(log_prob, old_log_prob, adv, clip_range):
+    """PPO's clipped surrogate for one denoising step, averaged over the batch (Flow-GRPO Eq. 8).
+
+    ratio = exp(log_prob - old_log_prob);  loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean()
+
+
+def kl_reg(prev_sample_mean, ref_prev_sample_mean, std_dev):
+    """Exact KL between the policy's and the reference's Gaussian transitions, per element, -> (B,).
+
+    KL = ||mu - mu_ref||^2 / (2 std^2) for equal covariances. Flow-GRPO's code divides by 2 sd^2 instead, without
+    the -dt factor of std^2 = sd^2 * (-dt), so its KL weight equals ours times -dt. No gradient reaches the reference.
+    """
+    diff = prev_sample_mean - ref_prev_sample_mean.detach()
+    std_dev = _per_sample(std_dev, diff)
+    return _mean_per_sample(diff**2 / (2 * std_dev**2))
+
+
+# ---- 4. DiverseGRPO: creativity bonus and structure-aware regularizer (paper sec 3.2-3.3, METHOD §3-4) ----
+
+
+def pairwise_distances(features, metric="euclidean"):
+    """(N, D) features -> (N, N) distances. 'cosine' is 1 - cos(e_i, e_j), DreamSim's distance on its embeddings."""
+    features = features.float()
+    if metric == "euclidean":
+        return torch.cdist(features, features)
+    if metric == "cosine":
+        unit = F.normalize(features, dim=-1)
+        return (1 - unit @ unit.T).clamp_min(0)
+    raise ValueError(f"unknown metric '{metric}' (euclidean or cosine)")
+
+
+def diversity_score(features, metric="euclidean"):
+    """The mean off-diagonal pairwise distance of one prompt's samples: the paper's DreamSim diversity."""
+    distances = pairwise_distances(features, metric)
+    n = distances.shape[0]
+    return (distances.sum() / (n * (n - 1))).item()
+
+
+def eigengap_n_clusters(affinity, max_clusters):
+    """Choose k by the eigengap heuristic: the largest gap in the normalized affinity's top eigenvalues.
+
+    With D the degree matrix, L = D^-1/2 A D^-1/2 has eigenvalue 1 once per connected component of a clean graph;
+    k clusters show up as k eigenvalues near 1 followed by a drop. Returns k in [1, max_clusters].
+    """
+    degree = affinity.sum(axis=1)
+    normalized = affinity / np.sqrt(np.outer(degree, degree))
+    eigenvalues = np.sort(np.linalg.eigvalsh(normalized))[::-1]  # descending, eigenvalues[0] == 1
+    gaps = eigenvalues[:max_clusters] - eigenvalues[1 : max_clusters + 1]  # gaps[i]: drop after the (i+1)-th value
+    return int(np.argmax(gaps)) + 1
+
+
+def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0):
+    """The distributional creativity bonus of one prompt's group (paper sec 3.2): (N, N) -> (bonus (N,), labels (N,)).
+
+        affinity A_ij = exp(-D_ij^2 / (2 sigma^2)),   sigma = median off-diagonal distance unless given
+        labels        = spectral clustering of A into k clusters (k fixed, or "auto": eigengap, at most N - 1)
+        bonus E_i     = sqrt(N / n_k),  n_k = size of the cluster holding sample i
+
+    A lone sample earns sqrt(N); a single cluster gives 1 to everyone. Degenerate groups (identical samples,
+    N <= k, a disconnected graph) do not crash: they fall back to fewer clusters.
+    """
+    from sklearn.cluster import SpectralClustering
+
+    distances = distances.detach().double().cpu().numpy()
+    n = distances.shape[0]
+    off_diagonal = distances[~np.eye(n, dtype=bool)]
+    if sigma is None:
+        sigma = float(np.median(off_diagonal)) if n > 1 else 0.0
+    max_clusters = n - 1  # k = N would make every sample its own cluster: a constant bonus again
+    if sigma <= 0 or max_clusters < 2 or off_diagonal.max() <= 0:
+        # Identical samples, or too few to split: one cluster, so the bonus is 1 everywhere.
+        return torch.ones(n), torch.zeros(n, dtype=torch.long)
+    affinity = np.exp(-(distances**2) / (2 * sigma**2))
+    k = eigengap_n_clusters(affinity, max_clusters) if n_clusters == "auto" else min(int(n_clusters), max_clusters)
+    if k < 2:
+        return torch.ones(n), torch.zeros(n, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns on a disconnected graph; clustering it is still well defined
+        # 3 k-means restarts instead of sklearn's 10: on groups this small they find the same labels, many times faster.
+        clustering = SpectralClustering(n_clusters=k, affinity="precomputed", n_init=3, random_state=seed)
+        labels = clustering.fit_predict(affinity)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    cluster_sizes = torch.bincount(labels)[labels].double()  # (N,): n_k of each sample's cluster
+    return torch.sqrt(n / cluster_sizes).float(), labels
+
+
+def structure_aware_reg(prev_sample_mean, ref_prev_sample_mean, step_index, K):
+    """The structure-aware regularizer (paper sec 3.3) for one step, per sample -> (B,).
+
+    For step_index < K: ||mu - mu_ref||^2 / 2 averaged per element, the squared 2-Wasserstein distance between two
+    Gaussians of equal covariance, halved. From step K on: zero, leaving the late, detail-forming steps free.
+    Averaging per element (like the log-prob) is this project's choice; the paper does not say. No gradient
+    reaches the reference.
+    """
+    diff = prev_sample_mean - ref_prev_sample_mean.detach()
+    if step_index >= K:
+        return torch.zeros(diff.shape[0], device=diff.device)
+    return _mean_per_sample(diff**2 / 2)
+
+
+# ---- 5. Backbones: the toy 2-D flow model (SD3 and FLUX follow in section 6) ----
+#
+# A backbone is a small object the loop calls:
+#   model                 the nn.Module carrying the LoRA adapters (the policy); adapters off = the reference
+#   prompts               the training prompts; eval_prompts the held-out ones
+#   encode(prompts)       -> a tuple of tensors with the batch first (the condition)
+#   velocity(x, sigma, cond) -> v, float32, (B, ...) like x
+#   noise(n, generator)   -> n initial latents x at sigma = 1
+#   decode(x)             -> samples: images in [0, 1], or the toy's points
+#   reward(samples, prompts) -> (B,) quality Q;  features(samples) -> (B, D), with feature_metric
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run the base network: switch every peft LoRA layer off, and back on afterwards. This is the reference model.
+
+    Works for any module with peft adapters injected, diffusers transformers included (they have no such
+    context manager of their own).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def add_lora(model, rank, alpha, target_modules):
+    """Inject fresh LoRA adapters (peft) into `model` in place and freeze everything else; returns the LoRA params.
+
+    peft initialises the LoRA B matrices to zero, so the policy starts exactly at the reference.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules), model)
+    params = [p for name, p in model.named_parameters() if "lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _ring(n, radius):
+    angles = torch.arange(n) * 2 * math.pi / n
+    return torch.stack([radius * torch.cos(angles), radius * torch.sin(angles)], dim=1)
+
+
+def _grid(n_side, spacing):
+    axis = (torch.arange(n_side) - (n_side - 1) / 2) * spacing
+    return torch.cartesian_prod(axis, axis)
+
+
+# Each toy "prompt" is a mixture of Gaussian modes. Mode heights of the reward differ a little (1.0 down to 0.8),
+# which is what draws plain GRPO onto the single best mode.
+TOY_PROMPTS = ["ring of eight", "three by three grid"]
+TOY_MODES = [_ring(8, 1.5), _grid(3, 1.2)]
+TOY_HEIGHTS = [torch.linspace(1.0, 0.8, 8), torch.linspace(1.0, 0.8, 9)[torch.tensor([4, 0, 8, 2, 6, 1, 7, 3, 5])]]
+
+
+class ToyFlow(nn.Module):
+    """A conditional velocity field v(x, sigma, prompt) on R^2: an MLP over [x, time features, prompt embedding]."""
+
+    def __init__(self, n_prompts, hidden=128, n_freqs=4):
+        super().__init__()
+        # Low frequencies only (pi/2 .. 4 pi): the field must stay smooth in sigma, or a LoRA trained at the 10 SDE
+        # sigmas would bend it only there, and the ODE evaluation, which queries other sigmas, would not see it.
+        self.register_buffer("freqs", 2.0 ** torch.arange(n_freqs) * math.pi / 2)
+        self.prompt_embedding = nn.Embedding(n_prompts, 32)
+        self.fc1 = nn.Linear(2 + 2 * n_freqs + 32, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, 2)
+
+    def forward(self, x, sigma, prompt_ids):
+        angles = sigma.reshape(-1, 1) * self.freqs  # (B, 1) * (n_freqs,) -> (B, n_freqs)
+        h = torch.cat([x, angles.sin(), angles.cos(), self.prompt_embedding(prompt_ids)], dim=-1)
+        h = F.silu(self.fc1(h))
+        h = F.silu(self.fc2(h))
+        h = F.silu(self.fc3(h))
+        return self.out(h)
+
+
+def toy_data(prompt_ids, mode_std, generator=None):
+    """Draw x_0 from each prompt's mixture of equal-weight Gaussian modes: (B,) prompt ids -> (B, 2)."""
+    points = torch.empty(len(prompt_ids), 2)
+    for p, modes in enumerate(TOY_MODES):
+        rows = (prompt_ids == p).nonzero().squeeze(1)
+        which = torch.randint(len(modes), (len(rows),), generator=generator)
+        points[rows] = modes[which] + mode_std * torch.randn(len(rows), 2, generator=generator)
+    return points
+
+
+def pretrain_toy(cfg):
+    """Fit the base model by rectified-flow matching: regress v = eps - x_0 at x_t = (1 - t) x_0 + t eps."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = ToyFlow(len(TOY_PROMPTS), cfg.toy.hidden)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.toy.pretrain_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.toy.pretrain_iters)
+    for _ in tqdm(range(cfg.toy.pretrain_iters), desc="pretrain toy base", leave=False):
+        prompt_ids = torch.randint(len(TOY_PROMPTS), (cfg.toy.pretrain_batch,), generator=generator)
+        x0 = toy_data(prompt_ids, cfg.toy.mode_std, generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        t = torch.rand(len(x0), 1, generator=generator)
+        loss = F.mse_loss(model(x0 * (1 - t) + eps * t, t, prompt_ids), eps - x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model
+
+
+class ToyBackbone:
+    """The 2-D toy: two prompts, each a mixture of Gaussian modes; the samples are their own features."""
+
+    feature_metric = "euclidean"
+
+    def __init__(self, cfg):
+        self.prompts = self.eval_prompts = list(TOY_PROMPTS)
+        self.reward_width = cfg.toy.reward_width
+        path = os.path.join(cfg.output_dir, "toy_base.pt")
+        self.model = ToyFlow(len(TOY_PROMPTS), cfg.toy.hidden)
+        if os.path.exists(path):
+            self.model.load_state_dict(torch.load(path))
+        else:
+            self.model = pretrain_toy(cfg)
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            torch.save(self.model.state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        self.lora_targets = ["fc1", "fc2", "fc3", "out"]
+
+    def encode(self, prompts):
+        return (torch.tensor([self.prompts.index(p) for p in prompts]),)
+
+    def noise(self, n, generator):
+        return torch.randn(n, 2, generator=generator)
+
+    def velocity(self, x, sigma, cond):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0])
+        return self.model(x, sigma, cond[0]).float()
+
+    def decode(self, x):
+        return x
+
+    def reward(self, samples, prompts):
+        """Q(x) = sum_k h_k exp(-||x - m_k||^2 / (2 w^2)): high near every mode, highest at the best one."""
+        rewards = torch.empty(len(samples))
+        for i, prompt in enumerate(prompts):
+            p = self.prompts.index(prompt)
+            squared = ((samples[i] - TOY_MODES[p]) ** 2).sum(-1)  # (modes,)
+            rewards[i] = (TOY_HEIGHTS[p] * torch.exp(-squared / (2 * self.reward_width**2))).sum()
+        return rewards
+
+    def features(self, samples):
+        return samples
+
+    def count_modes(self, samples, prompt, min_share=0.05):
+        """How many of the prompt's modes hold at least min_share of the samples (nearest mode, within 0.5)."""
+        modes = TOY_MODES[self.prompts.index(prompt)]
+        distances = torch.cdist(samples, modes)  # (n, modes)
+        nearest = distances.argmin(dim=1)[distances.min(dim=1).values < 0.5]
+        return int((torch.bincount(nearest, minlength=len(modes)) >= min_share * len(samples)).sum())
+
+
+# ---- 7. Rollout: sample a group with the SDE, keeping every step's latents and log-probs ----
+
+
+def rollout(backbone, cond, noise, sigmas, noise_level, generator=None):
+    """Run the sampler from sigma = 1 to 0. Returns latents (B, T+1, ...) and log_probs (B, T).
+
+    noise_level > 0 is the training SDE; noise_level = 0 is the ODE used for evaluation (log_probs are then zeros).
+    """
+    x = noise
+    latents, log_probs = [x], []
+    for i in range(len(sigmas) - 1):
+        velocity = backbone.velocity(x, sigmas[i], cond)
+        x, log_prob, _, _ = sde_step_with_logprob(
+            velocity, x, sigmas[i], sigmas[i + 1], noise_level, generator=generator
+        )
+        latents.append(x)
+        log_probs.append(log_prob)
+    return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)  # T+1 x (B, ...) -> (B, T+1, ...); (B, T)
+
+
+# ---- 8. The training loop: sample -> reward -> bonus -> advantages -> per-step update -> log ----
+
+
+def train(cfg, backbone, method, log=print):
+    """Fine-tune a fresh LoRA on `backbone` with one method of METHODS; returns its evaluation history (a list).
+
+    Each iteration takes one optimizer step, accumulated over every trained denoising step, so the first (and only)
+    update after sampling is exactly on-policy: ratio == 1 and the PPO clip never binds. Flow-GRPO splits a batch
+    into several optimizer steps; the clip range matters there.
+    """
+    terms = METHODS[method]
+    s, t, d = cfg.sampling, cfg.train, cfg.diverse
+    P, G, T = s.prompts_per_iter, s.group_size, s.num_steps
+    torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn from the global RNG
+    lora_params = add_lora(backbone.model, t.lora_rank, t.lora_alpha, backbone.lora_targets)
+    optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sigmas = flow_match_sigmas(T, s.shift)
+    history = [dict(iteration=0, method=method, **evaluate(cfg, backbone))]
+    log(history[0])
+    bar = tqdm(range(1, t.iterations + 1), desc=method)
+    for iteration in bar:
+        # 1. Sample P prompts and a group of G trajectories for each, with the SDE.
+        prompt_ids = torch.randperm(len(backbone.prompts), generator=generator)[:P]
+        prompts = [backbone.prompts[p] for p in prompt_ids for _ in range(G)]  # (B,) prompt p repeated G times
+        cond = backbone.encode(prompts)
+        with torch.no_grad():
+            latents, old_log_probs = rollout(
+                backbone, cond, backbone.noise(P * G, generator), sigmas, s.noise_level, generator
+            )
+            samples = backbone.decode(latents[:, -1])
+
+        # 2. Quality reward, plus the creativity bonus computed within each prompt's group (paper sec 3.2).
+        quality = backbone.reward(samples, prompts)  # (B,)
+        bonus = torch.ones(P * G)
+        if terms["bonus"]:
+            features = backbone.features(samples).reshape(P, G, -1)  # (B, D) -> (P, G, D)
+            for p in range(P):
+                distances = pairwise_distances(features[p], backbone.feature_metric)
+                bonus[p * G : (p + 1) * G], _ = creativity_bonus(distances, d.n_clusters, d.sigma, cfg.seed)
+        rewards = quality + (d.beta * bonus if terms["bonus"] else 0.0)
+
+        # 3. Group-normalized advantages, shared by every step of a trajectory (METHOD §2).
+        adv = group_advantages(rewards.reshape(P, G), clip=t.adv_clip).reshape(P * G)  # (B,) -> (P, G) -> (B,)
+
+        # 4. One clipped-surrogate loss per denoising step, back-propagated at once so only one step's graph lives.
+        optimizer.zero_grad()
+        stats = dict(loss=0.0, reg=0.0, ratio=0.0)
+        for i in range(T - 1):  # the last step's std is ~0: its log-prob is meaningless, so it is never trained
+            velocity = backbone.velocity(latents[:, i], sigmas[i], cond)
+            _, log_prob, mean, std_dev = sde_step_with_logprob(
+                velocity, latents[:, i], sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=latents[:, i + 1]
+            )
+            loss = grpo_loss(log_prob, old_log_probs[:, i], adv, t.clip_range)
+            reg = torch.zeros(())
+            if (terms["w2"] and i < d.K) or terms["kl"]:
+                with torch.no_grad(), adapters_disabled(backbone.model):
+                    ref_velocity = backbone.velocity(latents[:, i], sigmas[i], cond)
+                _, _, ref_mean, _ = sde_step_with_logprob(
+                    ref_velocity, latents[:, i], sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=latents[:, i + 1]
+                )
+                if terms["w2"]:
+                    reg = reg + d.lambda_w * structure_aware_reg(mean, ref_mean, i, d.K).mean()
+                if terms["kl"]:
+                    reg = reg + t.kl_beta * kl_reg(mean, ref_mean, std_dev).mean()
+            ((loss + reg) / (T - 1)).backward()
+            stats["loss"] += loss.item() / (T - 1)
+            stats["reg"] += reg.item() / (T - 1)
+            stats["ratio"] += torch.exp(log_prob - old_log_probs[:, i]).mean().item() / (T - 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, t.max_grad_norm)
+        optimizer.step()
+
+        # 5. Log; evaluate with the ODE every eval_every iterations.
+        bar.set_postfix(reward=f"{quality.mean():.3f}", loss=f"{stats['loss']:.4f}")
+        if iteration % t.eval_every == 0 or iteration == t.iterations:
+            record = dict(
+                iteration=iteration,
+                method=method,
+                train_reward=quality.mean().item(),
+                bonus=bonus.mean().item(),
+                grad_norm=grad_norm.item(),
+                **stats,
+                **evaluate(cfg, backbone),
+            )
+            history.append(record)
+            log(record)
+    return history
+
+
+# ---- 9. Evaluation, the matched-quality table, and plots ----
+
+
+@torch.no_grad()
+def evaluate(cfg, backbone, return_samples=False):
+    """ODE samples from fixed held-out noises: mean reward, diversity (mean pairwise distance per prompt), modes."""
+    generator = torch.Generator().manual_seed(cfg.seed + 10_000)  # the same noises at every evaluation
+    n = cfg.toy.eval_samples
+    sigmas = flow_match_sigmas(cfg.sampling.eval_num_steps, cfg.sampling.shift)
+    rewards, diversities, modes, samples = [], [], [], {}
+    for prompt in backbone.eval_prompts:
+        cond = backbone.encode([prompt] * n)
+        latents, _ = rollout(backbone, cond, backbone.noise(n, generator), sigmas, noise_level=0.0)
+        x = backbone.decode(latents[:, -1])
+        rewards.append(backbone.reward(x, [prompt] * n).mean().item())
+        diversities.append(diversity_score(backbone.features(x), backbone.feature_metric))
+        modes.append(backbone.count_modes(x, prompt))
+        samples[prompt] = x
+    metrics = dict(reward=float(np.mean(rewards)), diversity=float(np.mean(diversities)), modes=float(np.mean(modes)))
+    return (metrics, samples) if return_samples else metrics
+
+
+def diversity_at_reward(history, level):
+    """Diversity where a training curve first reaches a reward level, linearly interpolated between evaluations."""
+    for before, after in zip(history[:-1], history[1:], strict=True):
+        if before["reward"] < level <= after["reward"]:
+            w = (level - before["reward"]) / (after["reward"] - before["reward"])
+            return {key: before[key] + w * (after[key] - before[key]) for key in ("diversity", "modes")}
+    return None
+
+
+def matched_quality_table(histories, baseline="grpo", n_levels=4):
+    """Each method's diversity at the same reward levels (the paper's 'matched quality' comparison).
+
+    The levels are spread over the upper part of the range that every method reaches: from half-way between the
+    base model's reward and the lowest of the methods' best rewards, up to that best reward.
+    """
+    start = min(h[0]["reward"] for h in histories.values())
+    top = min(max(r["reward"] for r in h) for h in histories.values())
+    levels = [start + (top - start) * f for f in np.linspace(0.5, 1.0, n_levels)]
+    rows = []
+    for level in levels:
+        row = dict(reward=level)
+        for method, history in histories.items():
+            at = diversity_at_reward(history, level - 1e-9)
+            row[method] = at["diversity"] if at else None
+            row[method + "_modes"] = at["modes"] if at else None
+        if baseline in histories:
+            for method in histories:
+                if method != baseline and row[method] is not None and row[baseline]:
+                    row[method + "_gain"] = row[method] / row[baseline] - 1
+        rows.append(row)
+    return rows
+
+
+def format_table(rows, methods):
+    header = "reward  " + "  ".join(f"{m + ' div (modes)':>24}" for m in methods) + "   gain vs " + methods[0]
+    lines = [header]
+    for row in rows:
+        cells = "  ".join(f"{row[m]:>15.3f} ({row[m + '_modes']:4.1f})    " for m in methods)
+        gains = "  ".join(f"{row[m + '_gain']:+.1%}" for m in methods[1:] if m + "_gain" in row)
+        lines.append(f"{row['reward']:.3f}  {cells}   {gains}")
+    return "\n".join(lines)
+
+
+def plot_toy(path, base_samples, final_samples, histories):
+    """One row per prompt (base, then each method's final ODE samples), and the reward-vs-diversity curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = list(base_samples)
+    columns = ["base"] + list(final_samples)
+    fig, axes = plt.subplots(len(prompts), len(columns) + 1, figsize=(3 * (len(columns) + 1), 3 * len(prompts)))
+    for r, prompt in enumerate(prompts):
+        for c, name in enumerate(columns):
+            x = (base_samples if name == "base" else final_samples[name])[prompt].numpy()
+            ax = axes[r, c]
+            ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.5)
+            ax.set_xlim(-2.2, 2.2)
+            ax.set_ylim(-2.2, 2.2)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{name}: {prompt}", fontsize=8)
+        axes[r, -1].axis("off")
+    ax = fig.add_subplot(len(prompts), len(columns) + 1, len(columns) + 1)
+    for method, history in histories.items():
+        ax.plot([h["reward"] for h in history], [h["diversity"] for h in history], marker=".", label=method)
+    ax.set_xlabel("mean reward (ODE)")
+    ax.set_ylabel("diversity (mean pairwise dist.)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---- 10. main ----
+
+
+def build_backbone(cfg):
+    if cfg.backbone == "toy":
+        return ToyBackbone(cfg)
+    raise ConfigError(f"backbone '{cfg.backbone}' is not available in this build")
+
+
+def run(cfg):
+    """Train every method of the config from the same base and seed, then compare them at matched quality."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    open(metrics_path, "w").close()
+
+    def log(record):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    start = time.time()
+    histories, final_samples = {}, {}
+    base_samples = None
+    for method in cfg.methods:
+        backbone = build_backbone(cfg)  # a fresh copy of the base model for each method
+        if base_samples is None:
+            _, base_samples = evaluate(cfg, backbone, return_samples=True)
+        histories[method] = train(cfg, backbone, method, log)
+        _, final_samples[method] = evaluate(cfg, backbone, return_samples=True)
+    rows = matched_quality_table(histories, baseline=cfg.methods[0])
+    summary = dict(
+        preset_seed=cfg.seed,
+        methods=cfg.methods,
+        table=rows,
+        wall_seconds=time.time() - start,
+        final={m: h[-1] for m, h in histories.items()},
+    )
+    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print("\nDiversity at matched reward (ODE evaluation, mean over prompts):")
+    print(format_table(rows, cfg.methods))
+    plot_toy(os.path.join(cfg.output_dir, "toy.png"), base_samples, final_samples, histories)
+    print(f"\nwrote {metrics_path}, summary.json and toy.png to {cfg.output_dir} ({time.time() - start:.1f} s)")
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="DiverseGRPO: diversity-aware GRPO for flow models.")
+    parser.add_argument("--config", required=True, help="YAML file of presets, e.g. configs.yaml")
+    parser.add_argument("--preset", default="toy", help="top-level section of the YAML file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, dotted keys allowed (train.lr=1e-3); repeatable",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.preset, args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(yaml.safe_dump({args.preset: dataclasses.asdict(cfg)}, sort_keys=False))
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
