@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -53,6 +54,7 @@ class SamplingConfig:
     shift: float = 1.0  # timestep shift of the flow-matching schedule
     group_size: int = 24  # G, samples per prompt
     prompts_per_iter: int = 2  # P, prompts per iteration
+    eval_samples: int = 256  # ODE samples per held-out prompt at evaluation
 
 
 @dataclass
@@ -67,6 +69,9 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     eval_every: int = 20  # evaluate every this many iterations
+    micro_batch: int = 0  # samples per forward in sampling, decoding and training; 0 = the whole batch
+    save_every: int = 0  # write a checkpoint every this many iterations (and at the end); 0 = never
+    keep_checkpoints: int = 2  # how many checkpoints of a method to keep
 
 
 @dataclass
@@ -86,7 +91,23 @@ class ToyConfig:
     hidden: int = 128  # MLP width
     mode_std: float = 0.08  # std of each Gaussian mode of the data
     reward_width: float = 0.25  # width of each reward bump
-    eval_samples: int = 256  # ODE samples per prompt at evaluation
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""  # diffusers pipeline: hub name or local folder
+    resolution: int = 512  # image height and width in pixels
+    guidance_scale: float = 4.5  # CFG scale (SD3), or the guidance embedding's value (FLUX)
+    gradient_checkpointing: bool = False  # trade compute for memory in the transformer's backward
+    reward: str = "pickscore"  # pickscore | hpsv3
+    reward_model: str = "yuvalkirstain/PickScore_v1"  # PickScore's CLIP weights
+    reward_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor (tokenizer)
+    dreamsim_type: str = "ensemble"  # ensemble | dino_vitb16 | open_clip_vitb32 | clip_vitb32 | ...
+    dreamsim_cache: str = "~/.cache/dreamsim"  # where dreamsim keeps (or downloads) its checkpoints
+    prompts: list = field(default_factory=list)  # training prompts, used when prompts_file is empty
+    prompts_file: str = ""  # one training prompt per line
+    eval_prompts: list = field(default_factory=list)  # held-out prompts, used when eval_prompts_file is empty
+    eval_prompts_file: str = ""  # one held-out prompt per line
 
 
 @dataclass
@@ -101,6 +122,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     diverse: DiverseConfig = field(default_factory=DiverseConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 # Which terms each method switches on. Their strengths come from the config, so every method shares one set of
@@ -226,10 +248,36 @@ def validate(cfg):
         )
     if d.sigma is not None and d.sigma <= 0:
         raise ConfigError(f"diverse.sigma: must be positive or null, got {d.sigma}")
+    if t.micro_batch < 0 or t.save_every < 0 or t.keep_checkpoints < 1:
+        raise ConfigError("train.micro_batch and train.save_every: must not be negative; train.keep_checkpoints >= 1")
+    for key in ("prompts_file", "eval_prompts_file"):
+        path = getattr(cfg.model, key)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"model.{key}: file not found: {path}")
+        if path and not read_prompts(path):
+            raise ConfigError(f"model.{key}: no prompts in {path}")
+    if cfg.backbone != "toy":
+        if not cfg.model.pretrained:
+            raise ConfigError(f"model.pretrained: a {cfg.backbone} preset needs a hub name or a local folder")
+        if cfg.model.reward not in ("pickscore", "hpsv3"):
+            raise ConfigError(f"model.reward: expected pickscore or hpsv3, got '{cfg.model.reward}'")
+        if not (cfg.model.prompts or cfg.model.prompts_file) or not (
+            cfg.model.eval_prompts or cfg.model.eval_prompts_file
+        ):
+            raise ConfigError("model.prompts and model.eval_prompts: give a list or a file for each")
+        n_prompts = len(read_prompts(cfg.model.prompts_file) if cfg.model.prompts_file else cfg.model.prompts)
+        if s.prompts_per_iter > n_prompts:
+            raise ConfigError(f"sampling.prompts_per_iter: only {n_prompts} training prompts, got {s.prompts_per_iter}")
     if cfg.backbone == "toy" and s.prompts_per_iter > len(TOY_PROMPTS):
         raise ConfigError(
             f"sampling.prompts_per_iter: the toy has {len(TOY_PROMPTS)} prompts, got {s.prompts_per_iter}"
         )
+
+
+def read_prompts(path):
+    """One prompt per line; blank lines are skipped."""
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def load_config(path, preset="toy", overrides=()):
@@ -252,7 +300,7 @@ def load_config(path, preset="toy", overrides=()):
     return cfg
 
 
-# ---- 2. SDE sampling with log-probs (Flow-GRPO sec 4.1, METHOD §1) ----
+# ---- 2. SDE sampling with log-probs (Flow-GRPO sec 4.1) ----
 
 
 def flow_match_sigmas(num_steps, shift=1.0):
@@ -306,7 +354,10 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
     prev_sample_mean = sample + (velocity + sd**2 / (2 * sigma) * (sample + (1 - sigma) * velocity)) * dt
     std_dev = sd * torch.sqrt(-dt)
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        # Drawn on the generator's device (the CPU in this project) and moved: the same seed, the same noise anywhere.
+        noise_device = generator.device if generator is not None else sample.device
+        noise = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=torch.float32)
+        noise = noise.to(sample.device)
         prev_sample = prev_sample_mean + std_dev * noise
     prev_sample = prev_sample.detach().float()
     if noise_level == 0:
@@ -319,7 +370,7 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
     return prev_sample, _mean_per_sample(log_density), prev_sample_mean, std_dev
 
 
-# ---- 3. GRPO: group advantages, clipped surrogate, and Flow-GRPO's KL (METHOD §2) ----
+# ---- 3. GRPO: group advantages, clipped surrogate, and Flow-GRPO's KL ----
 
 
 def group_advantages(rewards, eps=1e-4, clip=5.0):
@@ -356,7 +407,7 @@ def kl_reg(prev_sample_mean, ref_prev_sample_mean, std_dev):
     return _mean_per_sample(diff**2 / (2 * std_dev**2))
 
 
-# ---- 4. DiverseGRPO: creativity bonus and structure-aware regularizer (paper sec 3.2-3.3, METHOD §3-4) ----
+# ---- 4. DiverseGRPO: creativity bonus and structure-aware regularizer (paper sec 3.2-3.3) ----
 
 
 def pairwise_distances(features, metric="euclidean"):
@@ -573,6 +624,15 @@ class ToyBackbone:
             torch.save(self.model.state_dict(), path + ".tmp")
             os.replace(path + ".tmp", path)
         self.lora_targets = ["fc1", "fc2", "fc3", "out"]
+        self.device, self.shift = torch.device("cpu"), cfg.sampling.shift
+
+    def save_lora(self, folder):
+        from peft import get_peft_model_state_dict
+
+        torch.save(get_peft_model_state_dict(self.model), os.path.join(folder, "lora.pt"))
+
+    def sigmas(self, num_steps):
+        return flow_match_sigmas(num_steps, self.shift)
 
     def encode(self, prompts):
         return (torch.tensor([self.prompts.index(p) for p in prompts]),)
@@ -607,7 +667,291 @@ class ToyBackbone:
         return int((torch.bincount(nearest, minlength=len(modes)) >= min_share * len(samples)).sum())
 
 
-# ---- 7. Rollout: sample a group with the SDE, keeping every step's latents and log-probs ----
+# ---- 6. Backbones: SD3.5 and FLUX.1 through diffusers ----
+
+# LoRA on both attention streams of the MMDiT blocks (paper, implementation details). peft skips the names a block
+# lacks: FLUX's single-stream blocks only have to_q, to_k and to_v.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+class SetupError(RuntimeError):
+    """Weights or packages that could not be loaded; main() prints it as one line and exits with status 1."""
+
+
+def sd3_velocity(transformer, x, sigma, cond, guidance_scale):
+    """SD3's velocity with classifier-free guidance; the unconditional and conditional halves share one forward.
+
+    cond = (prompt_embeds (B, L, D), pooled (B, D'), negative_embeds, negative_pooled). SD3 takes t = sigma * 1000.
+    """
+    prompt_embeds, pooled, negative_embeds, negative_pooled = cond
+    timestep = (torch.as_tensor(sigma, device=x.device, dtype=torch.float32) * 1000).expand(x.shape[0])
+    out = transformer(
+        hidden_states=torch.cat([x, x]).to(transformer.dtype),  # (B, C, H, W) -> (2B, C, H, W)
+        timestep=torch.cat([timestep, timestep]),
+        encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds]),
+        pooled_projections=torch.cat([negative_pooled, pooled]),
+        return_dict=False,
+    )[0].float()
+    uncond, conditional = out.chunk(2)  # (2B, ...) -> 2 x (B, ...)
+    return uncond + guidance_scale * (conditional - uncond)
+
+
+def pack_latents(x):
+    """FLUX's token layout: (B, C, H, W) -> (B, H/2 * W/2, 4C), each token a 2x2 patch."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, H/2, W/2, C, 2, 2)
+    return x.reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack_latents(tokens, height, width):
+    """Inverse of pack_latents: (B, H/2 * W/2, 4C) -> (B, C, H, W) for a latent of size height x width."""
+    B, _, D = tokens.shape
+    x = tokens.reshape(B, height // 2, width // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, H/2, 2, W/2, 2)
+    return x.reshape(B, D // 4, height, width)
+
+
+def flux_velocity(transformer, x, sigma, cond, guidance_scale):
+    """FLUX.1-dev's velocity: packed latents, position ids, and guidance as an embedding (no CFG).
+
+    cond = (prompt_embeds (B, L, D), pooled (B, D')). FLUX takes t = sigma (it scales by 1000 itself).
+    """
+    prompt_embeds, pooled = cond
+    B, _, H, W = x.shape
+    image_ids = torch.zeros(H // 2, W // 2, 3, device=x.device)  # (row, column) of each 2x2 token
+    image_ids[..., 1] += torch.arange(H // 2, device=x.device)[:, None]
+    image_ids[..., 2] += torch.arange(W // 2, device=x.device)[None, :]
+    out = transformer(
+        hidden_states=pack_latents(x).to(transformer.dtype),
+        timestep=torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(B),
+        guidance=torch.full((B,), guidance_scale, device=x.device),
+        pooled_projections=pooled,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=x.device),
+        img_ids=image_ids.reshape(-1, 3),  # (H/2, W/2, 3) -> (H/2 * W/2, 3)
+        return_dict=False,
+    )[0].float()
+    return unpack_latents(out, H, W)
+
+
+def flux_sigmas(num_steps, image_seq_len):
+    """FLUX's resolution-dependent schedule: sigma' = e^mu / (e^mu + 1/sigma - 1) on linspace(1, 1/n, n).
+
+    mu grows linearly with the number of image tokens, from 0.5 at 256 tokens to 1.15 at 4096 (diffusers' defaults).
+    """
+    mu = 0.5 + (1.15 - 0.5) * (image_seq_len - 256) / (4096 - 256)
+    sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+class DiffusersBackbone:
+    """An SD3 or FLUX transformer with LoRA, its VAE, cached prompt embeddings, a reward and an image embedder.
+
+    Built from pretrained weights by load_diffusers_backbone(), or from tiny random models in the tests.
+    prompt_embeddings maps each prompt to a tuple of tensors without batch dim (see sd3_velocity / flux_velocity).
+    reward_fn(images, prompts) -> (B,) and embed_fn(images) -> (B, D) take images (B, 3, H, W) in [0, 1].
+    """
+
+    feature_metric = "cosine"  # DreamSim's distance is 1 - cos of its embeddings
+    lora_targets = LORA_TARGETS
+
+    def __init__(self, cfg, transformer, vae, prompt_embeddings, reward_fn, embed_fn, prompts, eval_prompts):
+        self.kind, self.cfg = cfg.backbone, cfg
+        self.model, self.vae = transformer, vae
+        self.prompt_embeddings, self.reward_fn, self.embed_fn = prompt_embeddings, reward_fn, embed_fn
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.device = torch.device(cfg.device)
+        self.latent_size = cfg.model.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        if cfg.model.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()  # only active when grad is on: the reference pass is unaffected
+
+    def sigmas(self, num_steps):
+        if self.kind == "flux":
+            return flux_sigmas(num_steps, (self.latent_size // 2) ** 2)
+        return flow_match_sigmas(num_steps, self.cfg.sampling.shift)
+
+    def encode(self, prompts):
+        """Look up the cached embeddings: a tuple of (B, ...) tensors on the device."""
+        parts = zip(*(self.prompt_embeddings[p] for p in prompts), strict=True)
+        return tuple(torch.stack(part).to(self.device) for part in parts)
+
+    def noise(self, n, generator):
+        shape = (
+            n,
+            self.model.config.in_channels // (4 if self.kind == "flux" else 1),
+            self.latent_size,
+            self.latent_size,
+        )
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    def velocity(self, x, sigma, cond):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16"):
+            if self.kind == "flux":
+                return flux_velocity(self.model, x, sigma, cond, self.cfg.model.guidance_scale)
+            return sd3_velocity(self.model, x, sigma, cond, self.cfg.model.guidance_scale)
+
+    @torch.no_grad()
+    def decode(self, x):
+        """Latents -> images (B, 3, H, W) in [0, 1], as the diffusers pipelines do: z / scale + shift, then the VAE."""
+        config = self.vae.config
+        z = (x / config.scaling_factor + (config.shift_factor or 0.0)).to(self.vae.dtype)
+        return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def reward(self, images, prompts):
+        return self.reward_fn(images, prompts).float().cpu()
+
+    @torch.no_grad()
+    def features(self, images):
+        return self.embed_fn(images).float().cpu()
+
+    def save_lora(self, folder):
+        """Write the LoRA so that plain diffusers' pipe.load_lora_weights(folder) loads it."""
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+        from peft import get_peft_model_state_dict
+
+        pipeline_class = FluxPipeline if self.kind == "flux" else StableDiffusion3Pipeline
+        pipeline_class.save_lora_weights(
+            folder,
+            transformer_lora_layers=get_peft_model_state_dict(self.model),
+            # Without the config, a loader assumes lora_alpha == r and scales the adapter wrongly.
+            transformer_lora_adapter_metadata=self.model.peft_config["default"].to_dict(),
+        )
+
+
+def load_diffusers_backbone(cfg):
+    """Load the pipeline, cache every prompt's embeddings, free the text encoders, and build reward and embedder."""
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # keep a failed download to our one-line error
+    prompts = read_prompts(cfg.model.prompts_file) if cfg.model.prompts_file else list(cfg.model.prompts)
+    eval_prompts = read_prompts(cfg.model.eval_prompts_file) if cfg.model.eval_prompts_file else cfg.model.eval_prompts
+    pipeline_class = diffusers.FluxPipeline if cfg.backbone == "flux" else diffusers.StableDiffusion3Pipeline
+    dtype = getattr(torch, cfg.dtype)
+    try:
+        pipe = pipeline_class.from_pretrained(cfg.model.pretrained, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise SetupError(
+            f"could not load the {cfg.backbone} weights '{cfg.model.pretrained}': {first_line(e)}"
+        ) from None
+    pipe.to(cfg.device)
+    embeddings = {}
+    with torch.no_grad():
+        for prompt in tqdm(sorted(set(prompts) | set(eval_prompts)), desc="encode prompts", leave=False):
+            if cfg.backbone == "flux":
+                embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=cfg.device)
+                embeddings[prompt] = (embeds[0].cpu(), pooled[0].cpu())
+            else:
+                embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                    prompt, prompt_2=None, prompt_3=None, device=cfg.device, do_classifier_free_guidance=True
+                )
+                embeddings[prompt] = (embeds[0].cpu(), pooled[0].cpu(), negative[0].cpu(), negative_pooled[0].cpu())
+    transformer, vae = pipe.transformer, pipe.vae
+    del pipe  # the text encoders leave the GPU: every embedding is cached
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    reward_fn = load_reward(cfg)
+    embed_fn = load_dreamsim(cfg)
+    return DiffusersBackbone(cfg, transformer, vae, embeddings, reward_fn, embed_fn, prompts, eval_prompts)
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+# ---- 7. Rewards and the embedder of the creativity bonus ----
+
+
+def clip_pixels(images, size=224):
+    """CLIP's preprocessing in torch: resize the short side to `size` (bicubic), center-crop, normalize.
+
+    images (B, 3, H, W) in [0, 1] -> (B, 3, size, size). Matches CLIPImageProcessor without a trip through PIL.
+    """
+    height, width = images.shape[-2:]
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    images = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    images = images[..., top : top + size, left : left + size]
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def _projected(output):
+    """transformers 5 returns model outputs from get_*_features; 4.x returned the tensor."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def pickscore_reward(model, tokenizer, images, prompts):
+    """PickScore / 26, as Flow-GRPO scales it: logit_scale * cos(text, image) of the PickScore CLIP."""
+    device = next(model.parameters()).device
+    image_embeds = F.normalize(
+        _projected(model.get_image_features(pixel_values=clip_pixels(images.to(device)))), dim=-1
+    )
+    tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+    text_embeds = F.normalize(_projected(model.get_text_features(**tokens)), dim=-1)
+    return model.logit_scale.exp() * (text_embeds * image_embeds).sum(-1) / 26
+
+
+def load_reward(cfg):
+    """reward(images (B, 3, H, W) in [0, 1], prompts) -> (B,), run in micro-batches."""
+    micro_batch = cfg.train.micro_batch or 8
+    if cfg.model.reward == "hpsv3":
+        try:
+            from hpsv3 import HPSv3RewardInferencer
+        except ImportError:
+            raise SetupError("the hpsv3 reward needs the hpsv3 package: pip install hpsv3 (see README)") from None
+        inferencer = HPSv3RewardInferencer(device=cfg.device)
+
+        def score(images, prompts):
+            return inferencer.reward(list(images), prompts)[:, 0]  # HPSv3 returns (mu, sigma); the score is mu
+    else:
+        from transformers import AutoModel, AutoProcessor
+
+        try:
+            tokenizer = AutoProcessor.from_pretrained(cfg.model.reward_processor).tokenizer
+            model = AutoModel.from_pretrained(cfg.model.reward_model).eval().to(cfg.device)
+        except (OSError, ValueError) as e:
+            raise SetupError(
+                f"could not load the PickScore weights '{cfg.model.reward_model}': {first_line(e)}"
+            ) from None
+
+        def score(images, prompts):
+            return pickscore_reward(model, tokenizer, images, prompts)
+
+    @torch.no_grad()
+    def reward(images, prompts):
+        chunks = range(0, len(images), micro_batch)
+        return torch.cat([score(images[i : i + micro_batch], prompts[i : i + micro_batch]).float() for i in chunks])
+
+    return reward
+
+
+def load_dreamsim(cfg):
+    """embed(images (B, 3, H, W) in [0, 1]) -> DreamSim embeddings (B, D); 1 - cos of two is DreamSim's distance."""
+    from dreamsim import dreamsim
+
+    micro_batch = cfg.train.micro_batch or 8
+    try:
+        model, _ = dreamsim(
+            pretrained=True,
+            device=cfg.device,  # dreamsim keeps a projection outside its modules: build it on the device, never move it
+            cache_dir=os.path.expanduser(cfg.model.dreamsim_cache),
+            dreamsim_type=cfg.model.dreamsim_type,
+        )
+    except Exception as e:  # dreamsim raises whatever its downloader raised
+        raise SetupError(f"could not load DreamSim '{cfg.model.dreamsim_type}': {first_line(e)}") from None
+
+    @torch.no_grad()
+    def embed(images):
+        images = F.interpolate(images.float(), size=(224, 224), mode="bicubic", antialias=True).clamp(0, 1)
+        return torch.cat([model.embed(images[i : i + micro_batch]) for i in range(0, len(images), micro_batch)])
+
+    return embed
+
+
+# ---- 8. Rollout: sample a group with the SDE, keeping every step's latents and log-probs ----
 
 
 def rollout(backbone, cond, noise, sigmas, noise_level, generator=None):
@@ -627,7 +971,12 @@ def rollout(backbone, cond, noise, sigmas, noise_level, generator=None):
     return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)  # T+1 x (B, ...) -> (B, T+1, ...); (B, T)
 
 
-# ---- 8. The training loop: sample -> reward -> bonus -> advantages -> per-step update -> log ----
+# ---- 9. The training loop: sample -> reward -> bonus -> advantages -> per-step update -> log ----
+
+
+def _select(cond, index):
+    """The rows `index` of every tensor of a condition tuple."""
+    return tuple(c[index] for c in cond)
 
 
 def train(cfg, backbone, method, log=print):
@@ -640,28 +989,34 @@ def train(cfg, backbone, method, log=print):
     terms = METHODS[method]
     s, t, d = cfg.sampling, cfg.train, cfg.diverse
     P, G, T = s.prompts_per_iter, s.group_size, s.num_steps
+    B = P * G
+    chunks = torch.arange(B).split(t.micro_batch or B)  # micro-batches; clustering and advantages see all B
     torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn from the global RNG
     lora_params = add_lora(backbone.model, t.lora_rank, t.lora_alpha, backbone.lora_targets)
     optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    sigmas = flow_match_sigmas(T, s.shift)
+    sigmas = backbone.sigmas(T)
     history = [dict(iteration=0, method=method, **evaluate(cfg, backbone))]
     log(history[0])
     bar = tqdm(range(1, t.iterations + 1), desc=method)
     for iteration in bar:
+        start = time.time()
+        if backbone.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         # 1. Sample P prompts and a group of G trajectories for each, with the SDE.
         prompt_ids = torch.randperm(len(backbone.prompts), generator=generator)[:P]
         prompts = [backbone.prompts[p] for p in prompt_ids for _ in range(G)]  # (B,) prompt p repeated G times
         cond = backbone.encode(prompts)
+        noise = backbone.noise(B, generator)
         with torch.no_grad():
-            latents, old_log_probs = rollout(
-                backbone, cond, backbone.noise(P * G, generator), sigmas, s.noise_level, generator
-            )
-            samples = backbone.decode(latents[:, -1])
+            parts = [rollout(backbone, _select(cond, c), noise[c], sigmas, s.noise_level, generator) for c in chunks]
+            latents = torch.cat([p[0] for p in parts])  # (B, T+1, ...)
+            old_log_probs = torch.cat([p[1] for p in parts])  # (B, T)
+            samples = torch.cat([backbone.decode(latents[c, -1]) for c in chunks])
 
         # 2. Quality reward, plus the creativity bonus computed within each prompt's group (paper sec 3.2).
         quality = backbone.reward(samples, prompts)  # (B,)
-        bonus = torch.ones(P * G)
+        bonus = torch.ones(B)
         if terms["bonus"]:
             features = backbone.features(samples).reshape(P, G, -1)  # (B, D) -> (P, G, D)
             for p in range(P):
@@ -669,37 +1024,41 @@ def train(cfg, backbone, method, log=print):
                 bonus[p * G : (p + 1) * G], _ = creativity_bonus(distances, d.n_clusters, d.sigma, cfg.seed)
         rewards = quality + (d.beta * bonus if terms["bonus"] else 0.0)
 
-        # 3. Group-normalized advantages, shared by every step of a trajectory (METHOD §2).
-        adv = group_advantages(rewards.reshape(P, G), clip=t.adv_clip).reshape(P * G)  # (B,) -> (P, G) -> (B,)
+        # 3. Group-normalized advantages, shared by every step of a trajectory (Flow-GRPO Eq. 4).
+        adv = group_advantages(rewards.reshape(P, G), clip=t.adv_clip).reshape(B).to(latents.device)  # (P, G) -> (B,)
 
-        # 4. One clipped-surrogate loss per denoising step, back-propagated at once so only one step's graph lives.
+        # 4. One clipped-surrogate loss per denoising step and micro-batch, back-propagated at once, so only one
+        #    forward's graph is alive at a time. Each piece is weighted by its share of the batch and of the steps.
         optimizer.zero_grad()
         stats = dict(loss=0.0, reg=0.0, ratio=0.0)
         for i in range(T - 1):  # the last step's std is ~0: its log-prob is meaningless, so it is never trained
-            velocity = backbone.velocity(latents[:, i], sigmas[i], cond)
-            _, log_prob, mean, std_dev = sde_step_with_logprob(
-                velocity, latents[:, i], sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=latents[:, i + 1]
-            )
-            loss = grpo_loss(log_prob, old_log_probs[:, i], adv, t.clip_range)
-            reg = torch.zeros(())
-            if (terms["w2"] and i < d.K) or terms["kl"]:
-                with torch.no_grad(), adapters_disabled(backbone.model):
-                    ref_velocity = backbone.velocity(latents[:, i], sigmas[i], cond)
-                _, _, ref_mean, _ = sde_step_with_logprob(
-                    ref_velocity, latents[:, i], sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=latents[:, i + 1]
+            for c in chunks:
+                x, x_next, c_cond = latents[c, i], latents[c, i + 1], _select(cond, c)
+                velocity = backbone.velocity(x, sigmas[i], c_cond)
+                _, log_prob, mean, std_dev = sde_step_with_logprob(
+                    velocity, x, sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=x_next
                 )
-                if terms["w2"]:
-                    reg = reg + d.lambda_w * structure_aware_reg(mean, ref_mean, i, d.K).mean()
-                if terms["kl"]:
-                    reg = reg + t.kl_beta * kl_reg(mean, ref_mean, std_dev).mean()
-            ((loss + reg) / (T - 1)).backward()
-            stats["loss"] += loss.item() / (T - 1)
-            stats["reg"] += reg.item() / (T - 1)
-            stats["ratio"] += torch.exp(log_prob - old_log_probs[:, i]).mean().item() / (T - 1)
+                loss = grpo_loss(log_prob, old_log_probs[c, i], adv[c], t.clip_range)
+                reg = torch.zeros((), device=x.device)
+                if (terms["w2"] and i < d.K) or terms["kl"]:
+                    with torch.no_grad(), adapters_disabled(backbone.model):  # the reference = LoRA switched off
+                        ref_velocity = backbone.velocity(x, sigmas[i], c_cond)
+                    _, _, ref_mean, _ = sde_step_with_logprob(
+                        ref_velocity, x, sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=x_next
+                    )
+                    if terms["w2"]:
+                        reg = reg + d.lambda_w * structure_aware_reg(mean, ref_mean, i, d.K).mean()
+                    if terms["kl"]:
+                        reg = reg + t.kl_beta * kl_reg(mean, ref_mean, std_dev).mean()
+                weight = len(c) / B / (T - 1)
+                ((loss + reg) * weight).backward()
+                stats["loss"] += loss.item() * weight
+                stats["reg"] += reg.item() * weight
+                stats["ratio"] += torch.exp(log_prob - old_log_probs[c, i]).mean().item() * weight
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, t.max_grad_norm)
         optimizer.step()
 
-        # 5. Log; evaluate with the ODE every eval_every iterations.
+        # 5. Log; evaluate with the ODE every eval_every iterations; checkpoint every save_every.
         bar.set_postfix(reward=f"{quality.mean():.3f}", loss=f"{stats['loss']:.4f}")
         if iteration % t.eval_every == 0 or iteration == t.iterations:
             record = dict(
@@ -709,33 +1068,85 @@ def train(cfg, backbone, method, log=print):
                 bonus=bonus.mean().item(),
                 grad_norm=grad_norm.item(),
                 **stats,
-                **evaluate(cfg, backbone),
+                iter_seconds=time.time() - start,
             )
+            if backbone.device.type == "cuda":
+                record["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            record.update(evaluate(cfg, backbone, image_path=_image_path(cfg, method, iteration)))
             history.append(record)
             log(record)
+        if t.save_every and (iteration % t.save_every == 0 or iteration == t.iterations):
+            save_checkpoint(cfg, backbone, optimizer, method, iteration, history)
     return history
 
 
-# ---- 9. Evaluation, the matched-quality table, and plots ----
+def _image_path(cfg, method, iteration):
+    return os.path.join(cfg.output_dir, "images", f"{method}_{iteration:05d}.png")
+
+
+def save_checkpoint(cfg, backbone, optimizer, method, iteration, history):
+    """Write LoRA, optimizer and progress to output_dir/checkpoints/<method>/<iteration>, atomically; keep the newest.
+
+    The folder is written under a temporary name and renamed at the end, so a crash never leaves half a checkpoint.
+    """
+    root = os.path.join(cfg.output_dir, "checkpoints", method)
+    final = os.path.join(root, f"{iteration:06d}")
+    partial = final + ".partial"
+    os.makedirs(partial, exist_ok=True)
+    backbone.save_lora(partial)
+    state = dict(optimizer=optimizer.state_dict(), iteration=iteration, history=history)
+    torch.save(state, os.path.join(partial, "training_state.pt"))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    for old in sorted(n for n in os.listdir(root) if n.isdigit())[: -cfg.train.keep_checkpoints]:
+        shutil.rmtree(os.path.join(root, old))
+
+
+# ---- 10. Evaluation, the matched-quality table, and plots ----
 
 
 @torch.no_grad()
-def evaluate(cfg, backbone, return_samples=False):
-    """ODE samples from fixed held-out noises: mean reward, diversity (mean pairwise distance per prompt), modes."""
+def evaluate(cfg, backbone, return_samples=False, image_path=None):
+    """ODE samples from fixed held-out noises: mean reward and diversity (mean pairwise distance per prompt).
+
+    The toy also counts modes; image backbones write a grid (prompts x samples) to image_path.
+    """
     generator = torch.Generator().manual_seed(cfg.seed + 10_000)  # the same noises at every evaluation
-    n = cfg.toy.eval_samples
-    sigmas = flow_match_sigmas(cfg.sampling.eval_num_steps, cfg.sampling.shift)
+    n, micro_batch = cfg.sampling.eval_samples, cfg.train.micro_batch or cfg.sampling.eval_samples
+    sigmas = backbone.sigmas(cfg.sampling.eval_num_steps)
     rewards, diversities, modes, samples = [], [], [], {}
     for prompt in backbone.eval_prompts:
-        cond = backbone.encode([prompt] * n)
-        latents, _ = rollout(backbone, cond, backbone.noise(n, generator), sigmas, noise_level=0.0)
-        x = backbone.decode(latents[:, -1])
+        cond, noise = backbone.encode([prompt] * n), backbone.noise(n, generator)
+        x = []
+        for c in torch.arange(n).split(micro_batch):
+            latents, _ = rollout(backbone, _select(cond, c), noise[c], sigmas, noise_level=0.0)
+            x.append(backbone.decode(latents[:, -1]))
+        x = torch.cat(x)
         rewards.append(backbone.reward(x, [prompt] * n).mean().item())
         diversities.append(diversity_score(backbone.features(x), backbone.feature_metric))
-        modes.append(backbone.count_modes(x, prompt))
-        samples[prompt] = x
-    metrics = dict(reward=float(np.mean(rewards)), diversity=float(np.mean(diversities)), modes=float(np.mean(modes)))
+        if isinstance(backbone, ToyBackbone):
+            modes.append(backbone.count_modes(x, prompt))
+        samples[prompt] = x.cpu()
+    metrics = dict(reward=float(np.mean(rewards)), diversity=float(np.mean(diversities)))
+    if modes:
+        metrics["modes"] = float(np.mean(modes))
+    elif image_path:
+        save_image_grid(image_path, samples)
     return (metrics, samples) if return_samples else metrics
+
+
+def save_image_grid(path, samples):
+    """One row per prompt, one column per sample: {prompt: (n, 3, H, W) in [0, 1]} -> a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(samples.values())  # P x (n, 3, H, W)
+    grid = torch.cat([torch.cat(list(images), dim=2) for images in rows], dim=1)  # (3, P*H, n*W)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    plt.imsave(path, grid.permute(1, 2, 0).numpy())  # (3, P*H, n*W) -> (P*H, n*W, 3)
 
 
 def diversity_at_reward(history, level):
@@ -743,7 +1154,7 @@ def diversity_at_reward(history, level):
     for before, after in zip(history[:-1], history[1:], strict=True):
         if before["reward"] < level <= after["reward"]:
             w = (level - before["reward"]) / (after["reward"] - before["reward"])
-            return {key: before[key] + w * (after[key] - before[key]) for key in ("diversity", "modes")}
+            return {key: before[key] + w * (after[key] - before[key]) for key in ("diversity", "modes") if key in after}
     return None
 
 
@@ -762,7 +1173,7 @@ def matched_quality_table(histories, baseline="grpo", n_levels=4):
         for method, history in histories.items():
             at = diversity_at_reward(history, level - 1e-9)
             row[method] = at["diversity"] if at else None
-            row[method + "_modes"] = at["modes"] if at else None
+            row[method + "_modes"] = at.get("modes") if at else None
         if baseline in histories:
             for method in histories:
                 if method != baseline and row[method] is not None and row[baseline]:
@@ -772,12 +1183,17 @@ def matched_quality_table(histories, baseline="grpo", n_levels=4):
 
 
 def format_table(rows, methods):
-    header = "reward  " + "  ".join(f"{m + ' div (modes)':>24}" for m in methods) + "   gain vs " + methods[0]
-    lines = [header]
+    """The matched-quality table as text: diversity (and modes, on the toy) of each method per reward level."""
+
+    def cell(row, method):
+        value, modes = row[method], row[method + "_modes"]
+        text = "n/a" if value is None else f"{value:.3f}" + ("" if modes is None else f" ({modes:4.1f})")
+        return f"{text:>24}"
+
+    lines = ["reward  " + "".join(f"{m + ' div (modes)':>24}" for m in methods) + "   gain vs " + methods[0]]
     for row in rows:
-        cells = "  ".join(f"{row[m]:>15.3f} ({row[m + '_modes']:4.1f})    " for m in methods)
         gains = "  ".join(f"{row[m + '_gain']:+.1%}" for m in methods[1:] if m + "_gain" in row)
-        lines.append(f"{row['reward']:.3f}  {cells}   {gains}")
+        lines.append(f"{row['reward']:.3f}  " + "".join(cell(row, m) for m in methods) + f"   {gains}")
     return "\n".join(lines)
 
 
@@ -814,13 +1230,11 @@ def plot_toy(path, base_samples, final_samples, histories):
     plt.close(fig)
 
 
-# ---- 10. main ----
+# ---- 11. main ----
 
 
 def build_backbone(cfg):
-    if cfg.backbone == "toy":
-        return ToyBackbone(cfg)
-    raise ConfigError(f"backbone '{cfg.backbone}' is not available in this build")
+    return ToyBackbone(cfg) if cfg.backbone == "toy" else load_diffusers_backbone(cfg)
 
 
 def run(cfg):
@@ -841,10 +1255,12 @@ def run(cfg):
     base_samples = None
     for method in cfg.methods:
         backbone = build_backbone(cfg)  # a fresh copy of the base model for each method
-        if base_samples is None:
+        toy = cfg.backbone == "toy"  # the toy's scatter plots need the samples; an evaluation costs it ~0.1 s
+        if toy and base_samples is None:
             _, base_samples = evaluate(cfg, backbone, return_samples=True)
         histories[method] = train(cfg, backbone, method, log)
-        _, final_samples[method] = evaluate(cfg, backbone, return_samples=True)
+        if toy:
+            _, final_samples[method] = evaluate(cfg, backbone, return_samples=True)
     rows = matched_quality_table(histories, baseline=cfg.methods[0])
     summary = dict(
         preset_seed=cfg.seed,
@@ -857,8 +1273,9 @@ def run(cfg):
         json.dump(summary, f, indent=1)
     print("\nDiversity at matched reward (ODE evaluation, mean over prompts):")
     print(format_table(rows, cfg.methods))
-    plot_toy(os.path.join(cfg.output_dir, "toy.png"), base_samples, final_samples, histories)
-    print(f"\nwrote {metrics_path}, summary.json and toy.png to {cfg.output_dir} ({time.time() - start:.1f} s)")
+    if toy:
+        plot_toy(os.path.join(cfg.output_dir, "toy.png"), base_samples, final_samples, histories)
+    print(f"\nwrote metrics.jsonl, summary.json and figures to {cfg.output_dir} ({time.time() - start:.1f} s)")
     return summary
 
 
@@ -881,7 +1298,11 @@ def main(argv=None):
         sys.exit(2)
     print(yaml.safe_dump({args.preset: dataclasses.asdict(cfg)}, sort_keys=False))
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    run(cfg)
+    try:
+        run(cfg)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
