@@ -117,6 +117,7 @@ class Config:
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype of the backbone; the SDE arithmetic is always float32
     output_dir: str = "runs/toy"
+    resume: bool = False  # continue from the newest checkpoints in output_dir
     methods: list = field(default_factory=lambda: ["grpo", "diversegrpo"])
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -626,11 +627,6 @@ class ToyBackbone:
         self.lora_targets = ["fc1", "fc2", "fc3", "out"]
         self.device, self.shift = torch.device("cpu"), cfg.sampling.shift
 
-    def save_lora(self, folder):
-        from peft import get_peft_model_state_dict
-
-        torch.save(get_peft_model_state_dict(self.model), os.path.join(folder, "lora.pt"))
-
     def sigmas(self, num_steps):
         return flow_match_sigmas(num_steps, self.shift)
 
@@ -984,7 +980,8 @@ def train(cfg, backbone, method, log=print):
 
     Each iteration takes one optimizer step, accumulated over every trained denoising step, so the first (and only)
     update after sampling is exactly on-policy: ratio == 1 and the PPO clip never binds. Flow-GRPO splits a batch
-    into several optimizer steps; the clip range matters there.
+    into several optimizer steps; the clip range matters there. With cfg.resume it continues from the newest
+    checkpoint of this method; Ctrl-C writes one for the last finished iteration before it stops.
     """
     terms = METHODS[method]
     s, t, d = cfg.sampling, cfg.train, cfg.diverse
@@ -996,87 +993,117 @@ def train(cfg, backbone, method, log=print):
     optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     sigmas = backbone.sigmas(T)
-    history = [dict(iteration=0, method=method, **evaluate(cfg, backbone))]
-    log(history[0])
-    bar = tqdm(range(1, t.iterations + 1), desc=method)
-    for iteration in bar:
-        start = time.time()
-        if backbone.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        # 1. Sample P prompts and a group of G trajectories for each, with the SDE.
-        prompt_ids = torch.randperm(len(backbone.prompts), generator=generator)[:P]
-        prompts = [backbone.prompts[p] for p in prompt_ids for _ in range(G)]  # (B,) prompt p repeated G times
-        cond = backbone.encode(prompts)
-        noise = backbone.noise(B, generator)
-        with torch.no_grad():
-            parts = [rollout(backbone, _select(cond, c), noise[c], sigmas, s.noise_level, generator) for c in chunks]
-            latents = torch.cat([p[0] for p in parts])  # (B, T+1, ...)
-            old_log_probs = torch.cat([p[1] for p in parts])  # (B, T)
-            samples = torch.cat([backbone.decode(latents[c, -1]) for c in chunks])
-
-        # 2. Quality reward, plus the creativity bonus computed within each prompt's group (paper sec 3.2).
-        quality = backbone.reward(samples, prompts)  # (B,)
-        bonus = torch.ones(B)
-        if terms["bonus"]:
-            features = backbone.features(samples).reshape(P, G, -1)  # (B, D) -> (P, G, D)
-            for p in range(P):
-                distances = pairwise_distances(features[p], backbone.feature_metric)
-                bonus[p * G : (p + 1) * G], _ = creativity_bonus(distances, d.n_clusters, d.sigma, cfg.seed)
-        rewards = quality + (d.beta * bonus if terms["bonus"] else 0.0)
-
-        # 3. Group-normalized advantages, shared by every step of a trajectory (Flow-GRPO Eq. 4).
-        adv = group_advantages(rewards.reshape(P, G), clip=t.adv_clip).reshape(B).to(latents.device)  # (P, G) -> (B,)
-
-        # 4. One clipped-surrogate loss per denoising step and micro-batch, back-propagated at once, so only one
-        #    forward's graph is alive at a time. Each piece is weighted by its share of the batch and of the steps.
-        optimizer.zero_grad()
-        stats = dict(loss=0.0, reg=0.0, ratio=0.0)
-        for i in range(T - 1):  # the last step's std is ~0: its log-prob is meaningless, so it is never trained
-            for c in chunks:
-                x, x_next, c_cond = latents[c, i], latents[c, i + 1], _select(cond, c)
-                velocity = backbone.velocity(x, sigmas[i], c_cond)
-                _, log_prob, mean, std_dev = sde_step_with_logprob(
-                    velocity, x, sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=x_next
-                )
-                loss = grpo_loss(log_prob, old_log_probs[c, i], adv[c], t.clip_range)
-                reg = torch.zeros((), device=x.device)
-                if (terms["w2"] and i < d.K) or terms["kl"]:
-                    with torch.no_grad(), adapters_disabled(backbone.model):  # the reference = LoRA switched off
-                        ref_velocity = backbone.velocity(x, sigmas[i], c_cond)
-                    _, _, ref_mean, _ = sde_step_with_logprob(
-                        ref_velocity, x, sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=x_next
-                    )
-                    if terms["w2"]:
-                        reg = reg + d.lambda_w * structure_aware_reg(mean, ref_mean, i, d.K).mean()
-                    if terms["kl"]:
-                        reg = reg + t.kl_beta * kl_reg(mean, ref_mean, std_dev).mean()
-                weight = len(c) / B / (T - 1)
-                ((loss + reg) * weight).backward()
-                stats["loss"] += loss.item() * weight
-                stats["reg"] += reg.item() * weight
-                stats["ratio"] += torch.exp(log_prob - old_log_probs[c, i]).mean().item() * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, t.max_grad_norm)
-        optimizer.step()
-
-        # 5. Log; evaluate with the ODE every eval_every iterations; checkpoint every save_every.
-        bar.set_postfix(reward=f"{quality.mean():.3f}", loss=f"{stats['loss']:.4f}")
-        if iteration % t.eval_every == 0 or iteration == t.iterations:
-            record = dict(
-                iteration=iteration,
-                method=method,
-                train_reward=quality.mean().item(),
-                bonus=bonus.mean().item(),
-                grad_norm=grad_norm.item(),
-                **stats,
-                iter_seconds=time.time() - start,
-            )
+    # `done` is the last finished iteration; generator_state is the generator's state right after it.
+    history, done = load_checkpoint(cfg, method, backbone, optimizer, generator) if cfg.resume else ([], 0)
+    history = history or [dict(iteration=0, method=method, **evaluate(cfg, backbone))]
+    for record in history:  # a resumed run rewrites the metrics it had, so metrics.jsonl never holds a line twice
+        log(record)
+    generator_state = generator.get_state()
+    bar = tqdm(range(done + 1, t.iterations + 1), desc=method, initial=done, total=t.iterations)
+    try:
+        for iteration in bar:
+            start = time.time()
             if backbone.device.type == "cuda":
-                record["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            record.update(evaluate(cfg, backbone, image_path=_image_path(cfg, method, iteration)))
-            history.append(record)
-            log(record)
-        if t.save_every and (iteration % t.save_every == 0 or iteration == t.iterations):
-            save_checkpoint(cfg, backbone, optimizer, method, iteration, history)
+                torch.cuda.reset_peak_memory_stats()
+            # 1. Sample P prompts and a group of G trajectories for each, with the SDE.
+            prompt_ids = torch.randperm(len(backbone.prompts), generator=generator)[:P]
+            prompts = [backbone.prompts[p] for p in prompt_ids for _ in range(G)]  # (B,) prompt p repeated G times
+            cond = backbone.encode(prompts)
+            noise = backbone.noise(B, generator)
+            with torch.no_grad():
+                parts = [
+                    rollout(backbone, _select(cond, c), noise[c], sigmas, s.noise_level, generator) for c in chunks
+                ]
+                latents = torch.cat([p[0] for p in parts])  # (B, T+1, ...)
+                old_log_probs = torch.cat([p[1] for p in parts])  # (B, T)
+                samples = torch.cat([backbone.decode(latents[c, -1]) for c in chunks])
+
+            # 2. Quality reward, plus the creativity bonus computed within each prompt's group (paper sec 3.2).
+            quality = backbone.reward(samples, prompts)  # (B,)
+            bonus = torch.ones(B)
+            if terms["bonus"]:
+                features = backbone.features(samples).reshape(P, G, -1)  # (B, D) -> (P, G, D)
+                for p in range(P):
+                    distances = pairwise_distances(features[p], backbone.feature_metric)
+                    bonus[p * G : (p + 1) * G], _ = creativity_bonus(distances, d.n_clusters, d.sigma, cfg.seed)
+            rewards = quality + (d.beta * bonus if terms["bonus"] else 0.0)
+
+            # 3. Group-normalized advantages, shared by every step of a trajectory (Flow-GRPO Eq. 4). A sample whose
+            #    reward is NaN or inf is dropped: it stands at its group's mean for the statistics and gets A = 0.
+            dropped = ~torch.isfinite(rewards)
+            if dropped.any():
+                names = sorted({prompts[i] for i in dropped.nonzero().flatten().tolist()})
+                message = f"dropped {int(dropped.sum())} non-finite reward(s) of {names}"
+                tqdm.write(f"warning: iteration {iteration}: {message}", file=sys.stderr)
+                grouped = rewards.masked_fill(dropped, float("nan")).reshape(P, G)  # (B,) -> (P, G)
+                group_mean = grouped.nanmean(dim=1, keepdim=True).nan_to_num(0.0)  # (P, 1); 0 if all are dropped
+                rewards = torch.where(grouped.isnan(), group_mean, grouped).reshape(B)
+            adv = group_advantages(rewards.reshape(P, G), clip=t.adv_clip).reshape(B)  # (B,) -> (P, G) -> (B,)
+            adv = adv.masked_fill(dropped, 0.0).to(latents.device)
+
+            # 4. One clipped-surrogate loss per denoising step and micro-batch, back-propagated at once, so only one
+            #    forward's graph is alive at a time. Each piece is weighted by its share of the batch and the steps.
+            optimizer.zero_grad()
+            stats = dict(loss=0.0, reg=0.0, ratio=0.0)
+            for i in range(T - 1):  # the last step's std is ~0: its log-prob is meaningless, so it is never trained
+                for c in chunks:
+                    x, x_next, c_cond = latents[c, i], latents[c, i + 1], _select(cond, c)
+                    velocity = backbone.velocity(x, sigmas[i], c_cond)
+                    _, log_prob, mean, std_dev = sde_step_with_logprob(
+                        velocity, x, sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=x_next
+                    )
+                    loss = grpo_loss(log_prob, old_log_probs[c, i], adv[c], t.clip_range)
+                    reg = torch.zeros((), device=x.device)
+                    if (terms["w2"] and i < d.K) or terms["kl"]:
+                        with torch.no_grad(), adapters_disabled(backbone.model):  # the reference = LoRA switched off
+                            ref_velocity = backbone.velocity(x, sigmas[i], c_cond)
+                        _, _, ref_mean, _ = sde_step_with_logprob(
+                            ref_velocity, x, sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=x_next
+                        )
+                        if terms["w2"]:
+                            reg = reg + d.lambda_w * structure_aware_reg(mean, ref_mean, i, d.K).mean()
+                        if terms["kl"]:
+                            reg = reg + t.kl_beta * kl_reg(mean, ref_mean, std_dev).mean()
+                    weight = len(c) / B / (T - 1)
+                    ((loss + reg) * weight).backward()
+                    stats["loss"] += loss.item() * weight
+                    stats["reg"] += reg.item() * weight
+                    stats["ratio"] += torch.exp(log_prob - old_log_probs[c, i]).mean().item() * weight
+            grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, t.max_grad_norm)
+            skipped = not (torch.isfinite(grad_norm) and math.isfinite(stats["loss"] + stats["reg"]))
+            if skipped:  # one bad batch must not write NaN into the weights: skip this update, keep training
+                tqdm.write(
+                    f"warning: iteration {iteration}: non-finite loss or gradient, update skipped", file=sys.stderr
+                )
+            else:
+                optimizer.step()
+            done, generator_state = iteration, generator.get_state()
+
+            # 5. Log; evaluate with the ODE every eval_every iterations; checkpoint every save_every.
+            bar.set_postfix(reward=f"{quality.nanmean():.3f}", loss=f"{stats['loss']:.4f}")
+            if iteration % t.eval_every == 0 or iteration == t.iterations:
+                record = dict(
+                    iteration=iteration,
+                    method=method,
+                    train_reward=quality[~dropped].mean().item(),
+                    bonus=bonus.mean().item(),
+                    grad_norm=grad_norm.item(),
+                    skipped_update=skipped,
+                    **stats,
+                    iter_seconds=time.time() - start,
+                )
+                if backbone.device.type == "cuda":
+                    record["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                record.update(evaluate(cfg, backbone, image_path=_image_path(cfg, method, iteration)))
+                history.append(record)
+                log(record)
+            if t.save_every and (iteration % t.save_every == 0 or iteration == t.iterations):
+                save_checkpoint(cfg, backbone, optimizer, generator_state, method, done, history)
+    except KeyboardInterrupt:
+        # The weights and the optimizer only change in optimizer.step(), so `done` describes them exactly.
+        path = save_checkpoint(cfg, backbone, optimizer, generator_state, method, done, history)
+        tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
+        raise
     return history
 
 
@@ -1084,23 +1111,57 @@ def _image_path(cfg, method, iteration):
     return os.path.join(cfg.output_dir, "images", f"{method}_{iteration:05d}.png")
 
 
-def save_checkpoint(cfg, backbone, optimizer, method, iteration, history):
-    """Write LoRA, optimizer and progress to output_dir/checkpoints/<method>/<iteration>, atomically; keep the newest.
+def save_checkpoint(cfg, backbone, optimizer, generator_state, method, iteration, history):
+    """Write output_dir/checkpoints/<method>/<iteration>/, atomically, and keep the newest keep_checkpoints.
 
-    The folder is written under a temporary name and renamed at the end, so a crash never leaves half a checkpoint.
+    training_state.pt holds everything a resume needs (LoRA, optimizer, random states, metrics so far); image
+    backbones also write the LoRA in diffusers' format, for pipe.load_lora_weights. The folder is written under a
+    temporary name and renamed at the end, so a crash never leaves half a checkpoint behind.
     """
+    from peft import get_peft_model_state_dict
+
     root = os.path.join(cfg.output_dir, "checkpoints", method)
     final = os.path.join(root, f"{iteration:06d}")
     partial = final + ".partial"
     os.makedirs(partial, exist_ok=True)
-    backbone.save_lora(partial)
-    state = dict(optimizer=optimizer.state_dict(), iteration=iteration, history=history)
+    if isinstance(backbone, DiffusersBackbone):
+        backbone.save_lora(partial)
+    state = dict(
+        lora=get_peft_model_state_dict(backbone.model),
+        optimizer=optimizer.state_dict(),
+        generator=generator_state,
+        torch_rng=torch.get_rng_state(),
+        iteration=iteration,
+        history=history,
+    )
     torch.save(state, os.path.join(partial, "training_state.pt"))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(partial, final)
     for old in sorted(n for n in os.listdir(root) if n.isdigit())[: -cfg.train.keep_checkpoints]:
         shutil.rmtree(os.path.join(root, old))
+    return final
+
+
+def load_checkpoint(cfg, method, backbone, optimizer, generator):
+    """Restore the newest checkpoint of `method` into the model, optimizer and generator.
+
+    Returns (history, iteration) of the checkpoint, or ([], 0) when there is none. Training then continues exactly
+    where it stopped: on the CPU, a resumed run's metrics equal an uninterrupted run's.
+    """
+    from peft import set_peft_model_state_dict
+
+    root = os.path.join(cfg.output_dir, "checkpoints", method)
+    names = sorted(n for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+    if not names:
+        return [], 0
+    state = torch.load(os.path.join(root, names[-1], "training_state.pt"), map_location="cpu", weights_only=False)
+    set_peft_model_state_dict(backbone.model, state["lora"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    tqdm.write(f"resumed {method} from {os.path.join(root, names[-1])}")
+    return state["history"], state["iteration"]
 
 
 # ---- 10. Evaluation, the matched-quality table, and plots ----
@@ -1237,13 +1298,43 @@ def build_backbone(cfg):
     return ToyBackbone(cfg) if cfg.backbone == "toy" else load_diffusers_backbone(cfg)
 
 
+def check_output_dir(cfg):
+    """Refuse to overwrite another run: a different config in output_dir, or checkpoints while resume is off."""
+    path = os.path.join(cfg.output_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    current = json.loads(json.dumps(dataclasses.asdict(cfg)))  # the same JSON types as the file's
+
+    def flat(tree, prefix=""):  # {"train": {"lr": 1}} -> {"train.lr": 1}
+        items = tree.items() if isinstance(tree, dict) else []
+        return {
+            k: v for key, value in items for k, v in (flat(value, f"{prefix}{key}.") or {prefix + key: value}).items()
+        }
+
+    previous, current = flat(previous), flat(current)
+    previous.pop("resume", None)
+    current.pop("resume")
+    if previous != current:
+        changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
+        raise ConfigError(
+            f"output_dir {cfg.output_dir} holds a run with a different config (differs in: {', '.join(changed)}); "
+            "choose another output_dir or delete it"
+        )
+    if not cfg.resume and os.path.isdir(os.path.join(cfg.output_dir, "checkpoints")):
+        raise ConfigError(
+            f"output_dir {cfg.output_dir} holds checkpoints: continue with --set resume=true, or delete them"
+        )
+
+
 def run(cfg):
     """Train every method of the config from the same base and seed, then compare them at matched quality."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    open(metrics_path, "w").close()
+    open(metrics_path, "w").close()  # train() logs every record again on resume
 
     def log(record):
         with open(metrics_path, "a") as f:
@@ -1293,16 +1384,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.preset, args.set)
+        check_output_dir(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(yaml.safe_dump({args.preset: dataclasses.asdict(cfg)}, sort_keys=False))
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     try:
         run(cfg)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -482,7 +482,8 @@ def test_checkpoints_are_written_and_pruned(tmp_path):
     root = tmp_path / "checkpoints" / "grpo"
     assert sorted(os.listdir(root)) == ["000002", "000003"]
     state = torch.load(root / "000003" / "training_state.pt", weights_only=False)
-    assert state["iteration"] == 3 and (root / "000003" / "lora.pt").exists()
+    assert state["iteration"] == 3 and state["history"][-1]["iteration"] == 3
+    assert any("lora_B" in k for k in state["lora"]) and not list(root.glob("*.partial"))
 
 
 def _write_random_dreamsim_cache(cache_dir):
@@ -559,3 +560,175 @@ def test_cli_real_preset_without_weights_fails_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: could not load the sd3 weights '/nonexistent/sd3'")
     assert "Traceback" not in result.stderr
+
+
+# ---- robustness: bad input, non-finite values, checkpoints and resume ----
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {  # name: (extra command-line arguments, a word the one-line error must contain)
+    "missing config file": (["--config", "/nonexistent.yaml"], "not found"),
+    "invalid yaml": (["--config", "INVALID_YAML"], "invalid YAML"),
+    "unknown preset": (["--preset", "nope"], "unknown preset 'nope'"),
+    "unknown top-level key": (["--set", "learning_rate=1"], "learning_rate"),
+    "unknown nested key": (["--config", "NESTED_YAML"], "train.lrr"),
+    "unknown section": (["--set", "optim.lr=1"], "optim.lr"),
+    "wrong type": (["--set", "train.iterations=1.5"], "train.iterations"),
+    "negative learning rate": (["--set", "train.lr=-0.1"], "train.lr"),
+    "noise level too high": (["--set", "sampling.noise_level=2.0"], "sampling.noise_level"),
+    "noise level negative": (["--set", "sampling.noise_level=-0.1"], "sampling.noise_level"),
+    "K above the steps": (["--set", "diverse.K=11"], "diverse.K"),
+    "group of one": (["--set", "sampling.group_size=1"], "sampling.group_size"),
+    "n_clusters not below the group": (["--set", "diverse.n_clusters=24"], "diverse.n_clusters"),
+    "n_clusters a word": (["--set", "diverse.n_clusters=many"], "diverse.n_clusters"),
+    "unknown method": (["--set", "methods=[grpo,ppo]"], "ppo"),
+    "override without =": (["--set", "train.lr"], "key=value"),
+    "missing prompts file": (
+        ["--preset", "sd3_pickscore", "--set", "model.prompts_file=/nope.txt"],
+        "model.prompts_file",
+    ),
+    "empty prompts file": (["--preset", "sd3_pickscore", "--set", "model.prompts_file=EMPTY_FILE"], "no prompts"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_exit_2(name, tmp_path, capsys):
+    args, needle = BAD_INPUTS[name]
+    replacements = {
+        "INVALID_YAML": _write(tmp_path, "invalid.yaml", "toy: [unclosed\n"),
+        "NESTED_YAML": _write(tmp_path, "nested.yaml", "toy:\n  train:\n    lrr: 1\n"),
+        "model.prompts_file=EMPTY_FILE": f"model.prompts_file={_write(tmp_path, 'empty.txt', chr(10) * 3)}",
+    }
+    args = [replacements.get(a, a) for a in args]
+    config = [] if "--config" in args else ["--config", CONFIG]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        dg.main(config + args + ["--set", f"output_dir={out}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and needle in err, err
+    assert not out.exists()  # nothing written
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path, capsys):
+    dg.run(_tiny_cfg(tmp_path, "methods=[grpo]"))
+    capsys.readouterr()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        dg.main(["--config", CONFIG, "--set", f"output_dir={tmp_path}", "--set", "methods=[grpo]"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "different config" in err and len(err.strip().splitlines()) == 1
+    assert "train.iterations" in err and "sampling.group_size" in err  # the TINY overrides it lacks
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_checkpoints_without_resume_are_refused(tmp_path):
+    cfg = _tiny_cfg(tmp_path, "methods=[grpo]", "train.save_every=1")
+    dg.run(cfg)
+    with pytest.raises(dg.ConfigError, match="resume=true"):
+        dg.check_output_dir(cfg)
+    dg.check_output_dir(_tiny_cfg(tmp_path, "methods=[grpo]", "train.save_every=1", "resume=true"))
+
+
+def test_constant_rewards_give_zero_advantages_and_no_nan(tmp_path, monkeypatch):
+    cfg = _tiny_cfg(tmp_path)
+    backbone = dg.ToyBackbone(cfg)
+    monkeypatch.setattr(backbone, "reward", lambda samples, prompts: torch.full((len(samples),), 0.5))
+    history = dg.train(cfg, backbone, "grpo", log=lambda record: None)
+    assert all(record["loss"] == 0.0 and math.isfinite(record["reward"]) for record in history[1:])
+    assert all(torch.equal(p, torch.zeros_like(p)) for n, p in backbone.model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_reward_is_dropped_with_a_warning(bad_value, tmp_path, monkeypatch, capsys):
+    cfg = _tiny_cfg(tmp_path, "train.lr=0.05")
+    backbone = dg.ToyBackbone(cfg)
+    real_reward = backbone.reward
+
+    def reward_with_a_bad_sample(samples, prompts):
+        rewards = real_reward(samples, prompts)
+        if len(samples) == cfg.sampling.group_size * cfg.sampling.prompts_per_iter:  # training batches only
+            rewards[1] = bad_value
+        return rewards
+
+    monkeypatch.setattr(backbone, "reward", reward_with_a_bad_sample)
+    history = dg.train(cfg, backbone, "diversegrpo", log=lambda record: None)
+    assert "non-finite reward" in capsys.readouterr().err
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["train_reward"]) for r in history[1:])
+    assert all(torch.isfinite(p).all() for p in backbone.model.parameters())
+    assert any(n for n, p in backbone.model.named_parameters() if "lora_B" in n and p.abs().sum() > 0)
+
+
+def test_non_finite_loss_skips_the_update(tmp_path, monkeypatch, capsys):
+    cfg = _tiny_cfg(tmp_path, "train.lr=0.05", "train.eval_every=1")
+    backbone = dg.ToyBackbone(cfg)
+    real_loss, calls = dg.grpo_loss, []
+
+    def loss_that_fails_in_iteration_2(*args):  # 3 trained steps per iteration
+        calls.append(1)
+        return real_loss(*args) * (float("nan") if 4 <= len(calls) <= 6 else 1.0)
+
+    monkeypatch.setattr(dg, "grpo_loss", loss_that_fails_in_iteration_2)
+    history = dg.train(cfg, backbone, "grpo", log=lambda record: None)
+    assert [r["skipped_update"] for r in history[1:]] == [False, True, False]
+    assert "update skipped" in capsys.readouterr().err
+    assert all(torch.isfinite(p).all() for p in backbone.model.parameters())
+
+
+def _metrics(path):
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in record.items() if k not in ("iter_seconds", "peak_gpu_gb")} for record in lines]
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    extra = ["train.iterations=5", "train.eval_every=1", "train.save_every=2", "methods=[grpo,diversegrpo]"]
+    dg.run(_tiny_cfg(tmp_path / "straight", *extra))
+
+    real_loss, calls = dg.grpo_loss, []
+
+    def interrupt_in_iteration_4_of_the_second_method(*args):  # 3 trained steps an iteration, 5 iterations a method
+        calls.append(1)
+        if len(calls) == 15 + 10:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(dg, "grpo_loss", interrupt_in_iteration_4_of_the_second_method)
+    with pytest.raises(KeyboardInterrupt):
+        dg.run(_tiny_cfg(tmp_path / "interrupted", *extra))
+    assert sorted(os.listdir(tmp_path / "interrupted" / "checkpoints" / "diversegrpo")) == ["000002", "000003"]
+    monkeypatch.setattr(dg, "grpo_loss", real_loss)
+    dg.run(_tiny_cfg(tmp_path / "interrupted", *extra, "resume=true"))
+    assert _metrics(tmp_path / "interrupted" / "metrics.jsonl") == _metrics(tmp_path / "straight" / "metrics.jsonl")
+
+
+def test_two_processes_same_seed_same_metrics(tmp_path):
+    sets = [x for s in TINY for x in ("--set", s)]
+    for name in ("a", "b"):
+        assert _run_cli(*sets, "--set", f"output_dir={tmp_path / name}").returncode == 0
+    assert _metrics(tmp_path / "a" / "metrics.jsonl") == _metrics(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    import signal
+    import time
+
+    sets = [x for s in TINY for x in ("--set", s)] + ["--set", "train.iterations=100000", "--set", "train.eval_every=1"]
+    command = [sys.executable, os.path.join(HERE, "diversegrpo.py"), "--config", CONFIG, *sets]
+    process = subprocess.Popen(
+        command + ["--set", f"output_dir={tmp_path}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err
+    checkpoints = os.listdir(tmp_path / "checkpoints" / "grpo")
+    assert len(checkpoints) == 1 and int(checkpoints[0]) >= 2
