@@ -26,7 +26,11 @@ Conventions (used everywhere below)
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import functools
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -81,6 +85,7 @@ class DiverseConfig:
     sigma: float | None = 0.3  # affinity bandwidth; None = median off-diagonal distance
     K: int = 4  # the regularizer acts on steps i < K
     lambda_w: float = 10.0  # weight of the squared-W2 regularizer
+    max_clusters: int = 32  # n_clusters "auto" picks k <= min(max_clusters, G - 1)
 
 
 @dataclass
@@ -111,7 +116,21 @@ class ModelConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    seeds: list = field(default_factory=list)  # train on each of these seeds; empty = [seed]
+    betas: list = field(default_factory=lambda: [0.07, 0.7, 3.0, 5.0])  # sweep: bonus weights (the paper's)
+    Ks: list = field(default_factory=lambda: [1, 2, 4, 6])  # sweep: regularized steps (the paper's)
+    n_clusters: list = field(default_factory=lambda: ["auto", 2, 4, 8])  # adaptive_k: the choices compared
+    stability_groups: int = 8  # adaptive_k: base-model groups per prompt for the stability measure
+    trunks: int = 16  # branching: shared trajectories per prompt (each branches into group_size samples)
+    group_sizes: list = field(default_factory=lambda: [24, 96, 384, 1536])  # bonus_cost: N
+    repeats: int = 3  # bonus_cost: timings per N (the median is kept)
+    sd3_step_seconds: float = 0.54  # bonus_cost: estimated SD3.5-M sampling step for 24 images (see README)
+
+
+@dataclass
 class Config:
+    experiment: str = "compare"  # compare | sweep | adaptive_k | branching | bonus_cost
     backbone: str = "toy"  # toy | sd3 | flux
     seed: int = 0
     device: str = "cpu"
@@ -124,6 +143,7 @@ class Config:
     diverse: DiverseConfig = field(default_factory=DiverseConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 # Which terms each method switches on. Their strengths come from the config, so every method shares one set of
@@ -153,11 +173,11 @@ def _check_type(name, value, annotation):
         # PyYAML reads 1e-3 (no dot) as a string, so a numeric string is accepted for a float key.
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -189,18 +209,18 @@ def _fill(node, values, prefix=""):
 
 
 def _parse_override(text, cfg):
-    """'train.lr=1e-3' -> ({'train': {'lr': 1e-3}}); the value is typed like the key's default."""
+    """'train.lr=1e-3' -> {'train': {'lr': '1e-3'}}, a tree for _fill, which then types the value like its key."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got '{text}'")
     key, raw = text.split("=", 1)
     node, parts = cfg, key.split(".")
-    for part in parts[:-1]:
-        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+    for i, part in enumerate(parts):
+        fields = {f.name: f.type for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
             raise ConfigError(f"unknown config key '{key}'")
-        node = getattr(node, part)
-    if not dataclasses.is_dataclass(node) or not hasattr(node, parts[-1]):
-        raise ConfigError(f"unknown config key '{key}'")
-    annotation = {f.name: f.type for f in dataclasses.fields(node)}[parts[-1]]
+        annotation = fields[part]
+        if i < len(parts) - 1:
+            node = getattr(node, part)
     # A plain string key takes the text as it is (so "output_dir=123" stays a path); others are parsed as YAML.
     value = raw if annotation is str else yaml.safe_load(raw)
     tree = value
@@ -210,69 +230,104 @@ def _parse_override(text, cfg):
 
 
 def validate(cfg):
-    """Reject impossible combinations with one line that names the key."""
-    s, t, d = cfg.sampling, cfg.train, cfg.diverse
-    if cfg.backbone not in ("toy", "sd3", "flux"):
-        raise ConfigError(f"backbone: expected toy, sd3 or flux, got '{cfg.backbone}'")
-    for method in cfg.methods:
-        if method not in METHODS:
-            raise ConfigError(f"methods: unknown method '{method}' (choose from {', '.join(METHODS)})")
-    if not cfg.methods:
-        raise ConfigError("methods: the list is empty")
-    if s.group_size < 2:
-        raise ConfigError(f"sampling.group_size: must be at least 2, got {s.group_size}")
-    if s.num_steps < 2:
-        raise ConfigError(f"sampling.num_steps: must be at least 2 (the last step is never trained), got {s.num_steps}")
-    if s.eval_num_steps < 1:
-        raise ConfigError(f"sampling.eval_num_steps: must be at least 1, got {s.eval_num_steps}")
-    if s.prompts_per_iter < 1:
-        raise ConfigError(f"sampling.prompts_per_iter: must be at least 1, got {s.prompts_per_iter}")
-    if not 0.0 <= s.noise_level < 2.0:
-        raise ConfigError(f"sampling.noise_level: must be in [0, 2), got {s.noise_level}")
-    if s.shift <= 0:
-        raise ConfigError(f"sampling.shift: must be positive, got {s.shift}")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
-    if t.iterations < 1 or t.eval_every < 1:
-        raise ConfigError("train.iterations and train.eval_every: must be at least 1")
-    if t.clip_range <= 0 or t.adv_clip <= 0 or t.max_grad_norm <= 0:
-        raise ConfigError("train.clip_range, train.adv_clip and train.max_grad_norm: must be positive")
-    if t.kl_beta < 0 or d.beta < 0 or d.lambda_w < 0:
-        raise ConfigError("train.kl_beta, diverse.beta and diverse.lambda_w: must not be negative")
-    if d.K < 0 or d.K > s.num_steps:
-        raise ConfigError(f"diverse.K: must be in [0, sampling.num_steps={s.num_steps}], got {d.K}")
-    if isinstance(d.n_clusters, str) and d.n_clusters != "auto":
-        raise ConfigError(f"diverse.n_clusters: expected an integer or 'auto', got '{d.n_clusters}'")
-    if isinstance(d.n_clusters, int) and not 1 <= d.n_clusters < s.group_size:
-        raise ConfigError(
-            f"diverse.n_clusters: must be at least 1 and below sampling.group_size={s.group_size}, got {d.n_clusters}"
-        )
-    if d.sigma is not None and d.sigma <= 0:
-        raise ConfigError(f"diverse.sigma: must be positive or null, got {d.sigma}")
-    if t.micro_batch < 0 or t.save_every < 0 or t.keep_checkpoints < 1:
-        raise ConfigError("train.micro_batch and train.save_every: must not be negative; train.keep_checkpoints >= 1")
+    """Reject impossible values and combinations with one line that names the key."""
+    s, t, d, m = cfg.sampling, cfg.train, cfg.diverse, cfg.model
+    experiments = ("compare", "sweep", "adaptive_k", "branching", "bonus_cost")
+    checks = [  # (what must hold, the error if it does not)
+        (
+            cfg.experiment in experiments,
+            f"experiment: expected one of {', '.join(experiments)}, got '{cfg.experiment}'",
+        ),
+        (cfg.backbone in ("toy", "sd3", "flux"), f"backbone: expected toy, sd3 or flux, got '{cfg.backbone}'"),
+        (cfg.dtype in ("float32", "bfloat16"), f"dtype: expected float32 or bfloat16, got '{cfg.dtype}'"),
+        (cfg.output_dir != "", "output_dir: must not be empty"),
+        (len(cfg.methods) > 0, "methods: the list is empty"),
+        (
+            all(x in METHODS for x in cfg.methods),
+            f"methods: {cfg.methods} has an unknown method (known: {', '.join(METHODS)})",
+        ),
+        (len(set(cfg.methods)) == len(cfg.methods), f"methods: {cfg.methods} names a method twice"),
+        ("grpo_kl" not in cfg.methods or t.kl_beta > 0, "train.kl_beta: the grpo_kl method needs a positive KL weight"),
+        (
+            all(type(x) is int for x in cfg.analysis.seeds),
+            f"analysis.seeds: expected integers, got {cfg.analysis.seeds}",
+        ),
+        (s.group_size >= 2, f"sampling.group_size: must be at least 2, got {s.group_size}"),
+        (
+            s.num_steps >= 2,
+            f"sampling.num_steps: must be at least 2 (the last step is never trained), got {s.num_steps}",
+        ),
+        (s.eval_num_steps >= 1, f"sampling.eval_num_steps: must be at least 1, got {s.eval_num_steps}"),
+        (s.eval_samples >= 2, f"sampling.eval_samples: diversity needs at least 2, got {s.eval_samples}"),
+        (s.prompts_per_iter >= 1, f"sampling.prompts_per_iter: must be at least 1, got {s.prompts_per_iter}"),
+        (
+            0 < s.noise_level < 2,
+            f"sampling.noise_level: must be in (0, 2) to train (0 is the ODE), got {s.noise_level}",
+        ),
+        (s.shift > 0, f"sampling.shift: must be positive, got {s.shift}"),
+        (t.lr > 0, f"train.lr: must be positive, got {t.lr}"),
+        (t.iterations >= 1 and t.eval_every >= 1, "train.iterations and train.eval_every: must be at least 1"),
+        (min(t.clip_range, t.adv_clip, t.max_grad_norm) > 0, "train.clip_range, adv_clip, max_grad_norm: must be > 0"),
+        (
+            min(t.kl_beta, d.beta, d.lambda_w) >= 0,
+            "train.kl_beta, diverse.beta, diverse.lambda_w: must not be negative",
+        ),
+        (t.lora_rank >= 1 and t.lora_alpha > 0, "train.lora_rank and train.lora_alpha: must be positive"),
+        (min(t.micro_batch, t.save_every) >= 0, "train.micro_batch and train.save_every: must not be negative"),
+        (t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be at least 1, got {t.keep_checkpoints}"),
+        (0 <= d.K <= s.num_steps - 1, f"diverse.K: must be in [0, {s.num_steps - 1}], the trained steps, got {d.K}"),
+        (
+            d.n_clusters == "auto" or type(d.n_clusters) is int,
+            f"diverse.n_clusters: expected an integer or 'auto', got '{d.n_clusters}'",
+        ),
+        (
+            type(d.n_clusters) is not int or 1 <= d.n_clusters < s.group_size,
+            f"diverse.n_clusters: must be at least 1 and below sampling.group_size={s.group_size}, got {d.n_clusters}",
+        ),
+        (d.sigma is None or d.sigma > 0, f"diverse.sigma: must be positive or null, got {d.sigma}"),
+        (d.max_clusters >= 1, f"diverse.max_clusters: must be at least 1, got {d.max_clusters}"),
+        (
+            min(cfg.toy.hidden, cfg.toy.pretrain_iters, cfg.toy.pretrain_batch) >= 1,
+            "toy.hidden, toy.pretrain_iters, toy.pretrain_batch: must be at least 1",
+        ),
+    ]
+    if cfg.backbone == "toy":
+        checks += [
+            (cfg.device == "cpu" and cfg.dtype == "float32", "device and dtype: the toy runs on the CPU in float32"),
+            (
+                s.prompts_per_iter <= len(TOY_PROMPTS),
+                f"sampling.prompts_per_iter: the toy has {len(TOY_PROMPTS)} prompts",
+            ),
+        ]
+    else:
+        checks += [
+            (m.pretrained != "", f"model.pretrained: a {cfg.backbone} preset needs a hub name or a local folder"),
+            (m.reward in ("pickscore", "hpsv3"), f"model.reward: expected pickscore or hpsv3, got '{m.reward}'"),
+            (
+                m.resolution > 0 and m.resolution % 16 == 0,
+                f"model.resolution: must be a multiple of 16, got {m.resolution}",
+            ),
+            (bool(m.prompts or m.prompts_file), "model.prompts: give a list, or model.prompts_file"),
+            (
+                bool(m.eval_prompts or m.eval_prompts_file),
+                "model.eval_prompts: give a list, or model.eval_prompts_file",
+            ),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
     for key in ("prompts_file", "eval_prompts_file"):
-        path = getattr(cfg.model, key)
+        path = getattr(m, key)
         if path and not os.path.isfile(path):
             raise ConfigError(f"model.{key}: file not found: {path}")
         if path and not read_prompts(path):
             raise ConfigError(f"model.{key}: no prompts in {path}")
     if cfg.backbone != "toy":
-        if not cfg.model.pretrained:
-            raise ConfigError(f"model.pretrained: a {cfg.backbone} preset needs a hub name or a local folder")
-        if cfg.model.reward not in ("pickscore", "hpsv3"):
-            raise ConfigError(f"model.reward: expected pickscore or hpsv3, got '{cfg.model.reward}'")
-        if not (cfg.model.prompts or cfg.model.prompts_file) or not (
-            cfg.model.eval_prompts or cfg.model.eval_prompts_file
-        ):
-            raise ConfigError("model.prompts and model.eval_prompts: give a list or a file for each")
-        n_prompts = len(read_prompts(cfg.model.prompts_file) if cfg.model.prompts_file else cfg.model.prompts)
+        n_prompts = len(read_prompts(m.prompts_file) if m.prompts_file else m.prompts)
         if s.prompts_per_iter > n_prompts:
             raise ConfigError(f"sampling.prompts_per_iter: only {n_prompts} training prompts, got {s.prompts_per_iter}")
-    if cfg.backbone == "toy" and s.prompts_per_iter > len(TOY_PROMPTS):
-        raise ConfigError(
-            f"sampling.prompts_per_iter: the toy has {len(TOY_PROMPTS)} prompts, got {s.prompts_per_iter}"
-        )
+        if m.reward == "hpsv3" and importlib.util.find_spec("hpsv3") is None:  # fail now, not after loading SD3
+            raise ConfigError("model.reward: hpsv3 needs the hpsv3 package (pip install hpsv3; see README)")
 
 
 def read_prompts(path):
@@ -288,7 +343,7 @@ def load_config(path, preset="toy", overrides=()):
     try:
         with open(path) as f:
             presets = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(presets, dict) or preset not in presets:
         names = ", ".join(presets) if isinstance(presets, dict) else "none"
@@ -354,7 +409,9 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
     sd = noise_level * torch.sqrt(sigma / (1 - sigma_denominator))
     prev_sample_mean = sample + (velocity + sd**2 / (2 * sigma) * (sample + (1 - sigma) * velocity)) * dt
     std_dev = sd * torch.sqrt(-dt)
-    if prev_sample is None:
+    if prev_sample is None and noise_level == 0:
+        prev_sample = prev_sample_mean  # the ODE: no noise to draw
+    elif prev_sample is None:
         # Drawn on the generator's device (the CPU in this project) and moved: the same seed, the same noise anywhere.
         noise_device = generator.device if generator is not None else sample.device
         noise = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=torch.float32)
@@ -401,7 +458,8 @@ def kl_reg(prev_sample_mean, ref_prev_sample_mean, std_dev):
     """Exact KL between the policy's and the reference's Gaussian transitions, per element, -> (B,).
 
     KL = ||mu - mu_ref||^2 / (2 std^2) for equal covariances. Flow-GRPO's code divides by 2 sd^2 instead, without
-    the -dt factor of std^2 = sd^2 * (-dt), so its KL weight equals ours times -dt. No gradient reaches the reference.
+    the -dt of std^2 = sd^2 * (-dt): its KL is ours times -dt, so its weight beta equals beta * (-dt) here, which
+    varies by step (SD3, 10 steps: -dt from .04 to .27). No gradient reaches the reference.
     """
     diff = prev_sample_mean - ref_prev_sample_mean.detach()
     std_dev = _per_sample(std_dev, diff)
@@ -429,28 +487,55 @@ def diversity_score(features, metric="euclidean"):
     return (distances.sum() / (n * (n - 1))).item()
 
 
-def eigengap_n_clusters(affinity, max_clusters):
+def vendi_score(features, metric="euclidean", bandwidth=None):
+    """The Vendi score: exp(entropy of the eigenvalues of K / N), an effective number of distinct samples.
+
+    K is a similarity with K_ii = 1: cos(e_i, e_j) for metric "cosine" (DreamSim embeddings), and a Gaussian kernel
+    exp(-d^2 / (2 bandwidth^2)) for "euclidean" (bandwidth: the median distance unless given). N identical samples
+    score 1; N samples in m well-separated equal clusters score m.
+    """
+    distances = pairwise_distances(features, metric).double()
+    n = distances.shape[0]
+    if metric == "cosine":
+        similarity = 1 - distances
+    else:
+        bandwidth = bandwidth or distances[~torch.eye(n, dtype=torch.bool)].median().item() or 1.0
+        similarity = torch.exp(-(distances**2) / (2 * bandwidth**2))
+    eigenvalues = torch.linalg.eigvalsh(similarity / n).clamp_min(0)
+    eigenvalues = eigenvalues[eigenvalues > 1e-12]
+    return float(torch.exp(-(eigenvalues * eigenvalues.log()).sum()))
+
+
+def eigengap_n_clusters(affinity, max_clusters, eigen_solver="dense"):
     """Choose k by the eigengap heuristic: the largest gap in the normalized affinity's top eigenvalues.
 
     With D the degree matrix, L = D^-1/2 A D^-1/2 has eigenvalue 1 once per connected component of a clean graph;
     k clusters show up as k eigenvalues near 1 followed by a drop. Returns k in [1, max_clusters].
+    eigen_solver "dense" computes every eigenvalue (O(N^3)); "arpack" only the top max_clusters + 1.
     """
     degree = affinity.sum(axis=1)
     normalized = affinity / np.sqrt(np.outer(degree, degree))
-    eigenvalues = np.sort(np.linalg.eigvalsh(normalized))[::-1]  # descending, eigenvalues[0] == 1
-    gaps = eigenvalues[:max_clusters] - eigenvalues[1 : max_clusters + 1]  # gaps[i]: drop after the (i+1)-th value
+    if eigen_solver == "arpack" and max_clusters + 1 < len(affinity):
+        from scipy.sparse.linalg import eigsh
+
+        top = eigsh(normalized, k=max_clusters + 1, which="LA", return_eigenvectors=False)
+    else:
+        top = np.linalg.eigvalsh(normalized)[-(max_clusters + 1) :]
+    top = np.sort(top)[::-1]  # descending, top[0] == 1
+    gaps = top[:-1] - top[1:]  # gaps[i]: the drop after the (i+1)-th eigenvalue
     return int(np.argmax(gaps)) + 1
 
 
-def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0):
+def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0, max_clusters=32, eigen_solver="auto"):
     """The distributional creativity bonus of one prompt's group (paper sec 3.2): (N, N) -> (bonus (N,), labels (N,)).
 
         affinity A_ij = exp(-D_ij^2 / (2 sigma^2)),   sigma = median off-diagonal distance unless given
-        labels        = spectral clustering of A into k clusters (k fixed, or "auto": eigengap, at most N - 1)
+        labels        = spectral clustering of A into k clusters (k fixed, or "auto": eigengap, k <= N - 1)
         bonus E_i     = sqrt(N / n_k),  n_k = size of the cluster holding sample i
 
     A lone sample earns sqrt(N); a single cluster gives 1 to everyone. Degenerate groups (identical samples,
-    N <= k, a disconnected graph) do not crash: they fall back to fewer clusters.
+    N <= k, a disconnected graph) do not crash: they fall back to fewer clusters. "auto" searches k up to
+    min(max_clusters, N - 1); its eigen_solver "auto" switches from dense to arpack above N = 256 (see bonus_cost).
     """
     from sklearn.cluster import SpectralClustering
 
@@ -459,12 +544,16 @@ def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0):
     off_diagonal = distances[~np.eye(n, dtype=bool)]
     if sigma is None:
         sigma = float(np.median(off_diagonal)) if n > 1 else 0.0
-    max_clusters = n - 1  # k = N would make every sample its own cluster: a constant bonus again
-    if sigma <= 0 or max_clusters < 2 or off_diagonal.max() <= 0:
-        # Identical samples, or too few to split: one cluster, so the bonus is 1 everywhere.
+    if sigma <= 0 or n < 3 or off_diagonal.max() <= 1e-6:
+        # Identical samples (up to float noise, which fixed k would otherwise split into clusters), or too few to
+        # split into clusters of unequal size: one cluster, bonus 1 everywhere.
         return torch.ones(n), torch.zeros(n, dtype=torch.long)
     affinity = np.exp(-(distances**2) / (2 * sigma**2))
-    k = eigengap_n_clusters(affinity, max_clusters) if n_clusters == "auto" else min(int(n_clusters), max_clusters)
+    if n_clusters == "auto":
+        solver = eigen_solver if eigen_solver != "auto" else ("arpack" if n > 256 else "dense")
+        k = eigengap_n_clusters(affinity, min(max_clusters, n - 1), solver)
+    else:
+        k = min(int(n_clusters), n - 1)  # k = N would make every sample its own cluster: a constant bonus again
     if k < 2:
         return torch.ones(n), torch.zeros(n, dtype=torch.long)
     with warnings.catch_warnings():
@@ -533,6 +622,9 @@ def add_lora(model, rank, alpha, target_modules):
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules), model)
     params = [p for name, p in model.named_parameters() if "lora_" in name]
     for p in params:
+        # Trainable weights stay float32 even in a bf16 model (autocast handles the matmuls): in bf16, AdamW's
+        # second moment times 0.999 rounds back to itself and never decays, and weight decay underflows.
+        p.data = p.data.float()
         p.requires_grad_(True)
     return params
 
@@ -615,7 +707,8 @@ class ToyBackbone:
     def __init__(self, cfg):
         self.prompts = self.eval_prompts = list(TOY_PROMPTS)
         self.reward_width = cfg.toy.reward_width
-        path = os.path.join(cfg.output_dir, "toy_base.pt")
+        settings = json.dumps([cfg.seed, dataclasses.asdict(cfg.toy)], sort_keys=True)  # what the base depends on
+        path = os.path.join(cfg.output_dir, f"toy_base_{hashlib.sha1(settings.encode()).hexdigest()[:10]}.pt")
         self.model = ToyFlow(len(TOY_PROMPTS), cfg.toy.hidden)
         if os.path.exists(path):
             self.model.load_state_dict(torch.load(path))
@@ -769,7 +862,7 @@ class DiffusersBackbone:
     def encode(self, prompts):
         """Look up the cached embeddings: a tuple of (B, ...) tensors on the device."""
         parts = zip(*(self.prompt_embeddings[p] for p in prompts), strict=True)
-        return tuple(torch.stack(part).to(self.device) for part in parts)
+        return tuple(torch.stack(part).to(self.device) for part in parts)  # B x (L, D) -> (B, L, D), and so on
 
     def noise(self, n, generator):
         shape = (
@@ -901,7 +994,10 @@ def load_reward(cfg):
         inferencer = HPSv3RewardInferencer(device=cfg.device)
 
         def score(images, prompts):
-            return inferencer.reward(list(images), prompts)[:, 0]  # HPSv3 returns (mu, sigma); the score is mu
+            from torchvision.transforms.functional import to_pil_image
+
+            pil_images = [to_pil_image(image.float().cpu()) for image in images]  # the input every hpsv3 accepts
+            return inferencer.reward(pil_images, prompts)[:, 0]  # HPSv3 returns (mu, sigma); the score is mu
     else:
         from transformers import AutoModel, AutoProcessor
 
@@ -954,14 +1050,16 @@ def rollout(backbone, cond, noise, sigmas, noise_level, generator=None):
     """Run the sampler from sigma = 1 to 0. Returns latents (B, T+1, ...) and log_probs (B, T).
 
     noise_level > 0 is the training SDE; noise_level = 0 is the ODE used for evaluation (log_probs are then zeros).
+    The last step is always deterministic: it is never trained, and with few steps its noise would be large (FLUX's
+    6-step schedule ends .27 -> 0, a std of .29 on the image the reward sees).
     """
     x = noise
+    T = len(sigmas) - 1
     latents, log_probs = [x], []
-    for i in range(len(sigmas) - 1):
+    for i in range(T):
         velocity = backbone.velocity(x, sigmas[i], cond)
-        x, log_prob, _, _ = sde_step_with_logprob(
-            velocity, x, sigmas[i], sigmas[i + 1], noise_level, generator=generator
-        )
+        level = noise_level if i < T - 1 else 0.0
+        x, log_prob, _, _ = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], level, generator=generator)
         latents.append(x)
         log_probs.append(log_prob)
     return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)  # T+1 x (B, ...) -> (B, T+1, ...); (B, T)
@@ -975,14 +1073,16 @@ def _select(cond, index):
     return tuple(c[index] for c in cond)
 
 
-def train(cfg, backbone, method, log=print):
+def train(cfg, backbone, method, log=print, name=None):
     """Fine-tune a fresh LoRA on `backbone` with one method of METHODS; returns its evaluation history (a list).
 
     Each iteration takes one optimizer step, accumulated over every trained denoising step, so the first (and only)
     update after sampling is exactly on-policy: ratio == 1 and the PPO clip never binds. Flow-GRPO splits a batch
     into several optimizer steps; the clip range matters there. With cfg.resume it continues from the newest
-    checkpoint of this method; Ctrl-C writes one for the last finished iteration before it stops.
+    checkpoint of this run; Ctrl-C writes one for the last finished iteration before it stops. `name` labels the
+    run's checkpoints and images (default: the method).
     """
+    name = name or method
     terms = METHODS[method]
     s, t, d = cfg.sampling, cfg.train, cfg.diverse
     P, G, T = s.prompts_per_iter, s.group_size, s.num_steps
@@ -994,12 +1094,12 @@ def train(cfg, backbone, method, log=print):
     generator = torch.Generator().manual_seed(cfg.seed)
     sigmas = backbone.sigmas(T)
     # `done` is the last finished iteration; generator_state is the generator's state right after it.
-    history, done = load_checkpoint(cfg, method, backbone, optimizer, generator) if cfg.resume else ([], 0)
+    history, done = load_checkpoint(cfg, name, backbone, optimizer, generator) if cfg.resume else ([], 0)
     history = history or [dict(iteration=0, method=method, **evaluate(cfg, backbone))]
     for record in history:  # a resumed run rewrites the metrics it had, so metrics.jsonl never holds a line twice
         log(record)
     generator_state = generator.get_state()
-    bar = tqdm(range(done + 1, t.iterations + 1), desc=method, initial=done, total=t.iterations)
+    bar = tqdm(range(done + 1, t.iterations + 1), desc=name, initial=done, total=t.iterations)
     try:
         for iteration in bar:
             start = time.time()
@@ -1025,7 +1125,9 @@ def train(cfg, backbone, method, log=print):
                 features = backbone.features(samples).reshape(P, G, -1)  # (B, D) -> (P, G, D)
                 for p in range(P):
                     distances = pairwise_distances(features[p], backbone.feature_metric)
-                    bonus[p * G : (p + 1) * G], _ = creativity_bonus(distances, d.n_clusters, d.sigma, cfg.seed)
+                    bonus[p * G : (p + 1) * G], _ = creativity_bonus(
+                        distances, d.n_clusters, d.sigma, cfg.seed, d.max_clusters
+                    )
             rewards = quality + (d.beta * bonus if terms["bonus"] else 0.0)
 
             # 3. Group-normalized advantages, shared by every step of a trajectory (Flow-GRPO Eq. 4). A sample whose
@@ -1094,25 +1196,25 @@ def train(cfg, backbone, method, log=print):
                 )
                 if backbone.device.type == "cuda":
                     record["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                record.update(evaluate(cfg, backbone, image_path=_image_path(cfg, method, iteration)))
+                record.update(evaluate(cfg, backbone, image_path=_image_path(cfg, name, iteration)))
                 history.append(record)
                 log(record)
             if t.save_every and (iteration % t.save_every == 0 or iteration == t.iterations):
-                save_checkpoint(cfg, backbone, optimizer, generator_state, method, done, history)
+                save_checkpoint(cfg, backbone, optimizer, generator_state, name, done, history)
     except KeyboardInterrupt:
         # The weights and the optimizer only change in optimizer.step(), so `done` describes them exactly.
-        path = save_checkpoint(cfg, backbone, optimizer, generator_state, method, done, history)
+        path = save_checkpoint(cfg, backbone, optimizer, generator_state, name, done, history)
         tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
         raise
     return history
 
 
-def _image_path(cfg, method, iteration):
-    return os.path.join(cfg.output_dir, "images", f"{method}_{iteration:05d}.png")
+def _image_path(cfg, name, iteration):
+    return os.path.join(cfg.output_dir, "images", f"{name}_{iteration:05d}.png")
 
 
-def save_checkpoint(cfg, backbone, optimizer, generator_state, method, iteration, history):
-    """Write output_dir/checkpoints/<method>/<iteration>/, atomically, and keep the newest keep_checkpoints.
+def save_checkpoint(cfg, backbone, optimizer, generator_state, name, iteration, history):
+    """Write output_dir/checkpoints/<name>/<iteration>/, atomically, and keep the newest keep_checkpoints.
 
     training_state.pt holds everything a resume needs (LoRA, optimizer, random states, metrics so far); image
     backbones also write the LoRA in diffusers' format, for pipe.load_lora_weights. The folder is written under a
@@ -1120,7 +1222,7 @@ def save_checkpoint(cfg, backbone, optimizer, generator_state, method, iteration
     """
     from peft import get_peft_model_state_dict
 
-    root = os.path.join(cfg.output_dir, "checkpoints", method)
+    root = os.path.join(cfg.output_dir, "checkpoints", name)
     final = os.path.join(root, f"{iteration:06d}")
     partial = final + ".partial"
     os.makedirs(partial, exist_ok=True)
@@ -1143,15 +1245,15 @@ def save_checkpoint(cfg, backbone, optimizer, generator_state, method, iteration
     return final
 
 
-def load_checkpoint(cfg, method, backbone, optimizer, generator):
-    """Restore the newest checkpoint of `method` into the model, optimizer and generator.
+def load_checkpoint(cfg, name, backbone, optimizer, generator):
+    """Restore the newest checkpoint of run `name` into the model, optimizer and generator.
 
     Returns (history, iteration) of the checkpoint, or ([], 0) when there is none. Training then continues exactly
     where it stopped: on the CPU, a resumed run's metrics equal an uninterrupted run's.
     """
     from peft import set_peft_model_state_dict
 
-    root = os.path.join(cfg.output_dir, "checkpoints", method)
+    root = os.path.join(cfg.output_dir, "checkpoints", name)
     names = sorted(n for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
     if not names:
         return [], 0
@@ -1160,7 +1262,7 @@ def load_checkpoint(cfg, method, backbone, optimizer, generator):
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    tqdm.write(f"resumed {method} from {os.path.join(root, names[-1])}")
+    tqdm.write(f"resumed {name} from {os.path.join(root, names[-1])}")
     return state["history"], state["iteration"]
 
 
@@ -1169,14 +1271,14 @@ def load_checkpoint(cfg, method, backbone, optimizer, generator):
 
 @torch.no_grad()
 def evaluate(cfg, backbone, return_samples=False, image_path=None):
-    """ODE samples from fixed held-out noises: mean reward and diversity (mean pairwise distance per prompt).
+    """ODE samples from fixed held-out noises: mean reward, diversity (mean pairwise distance) and Vendi score.
 
     The toy also counts modes; image backbones write a grid (prompts x samples) to image_path.
     """
     generator = torch.Generator().manual_seed(cfg.seed + 10_000)  # the same noises at every evaluation
     n, micro_batch = cfg.sampling.eval_samples, cfg.train.micro_batch or cfg.sampling.eval_samples
     sigmas = backbone.sigmas(cfg.sampling.eval_num_steps)
-    rewards, diversities, modes, samples = [], [], [], {}
+    rewards, diversities, vendis, modes, samples = [], [], [], [], {}
     for prompt in backbone.eval_prompts:
         cond, noise = backbone.encode([prompt] * n), backbone.noise(n, generator)
         x = []
@@ -1185,11 +1287,13 @@ def evaluate(cfg, backbone, return_samples=False, image_path=None):
             x.append(backbone.decode(latents[:, -1]))
         x = torch.cat(x)
         rewards.append(backbone.reward(x, [prompt] * n).mean().item())
-        diversities.append(diversity_score(backbone.features(x), backbone.feature_metric))
+        features = backbone.features(x)
+        diversities.append(diversity_score(features, backbone.feature_metric))
+        vendis.append(vendi_score(features, backbone.feature_metric, cfg.diverse.sigma))
         if isinstance(backbone, ToyBackbone):
             modes.append(backbone.count_modes(x, prompt))
         samples[prompt] = x.cpu()
-    metrics = dict(reward=float(np.mean(rewards)), diversity=float(np.mean(diversities)))
+    metrics = dict(reward=float(np.mean(rewards)), diversity=float(np.mean(diversities)), vendi=float(np.mean(vendis)))
     if modes:
         metrics["modes"] = float(np.mean(modes))
     elif image_path:
@@ -1211,60 +1315,74 @@ def save_image_grid(path, samples):
 
 
 def diversity_at_reward(history, level):
-    """Diversity where a training curve first reaches a reward level, linearly interpolated between evaluations."""
+    """Diversity (and Vendi, modes) where a training curve first reaches a reward level, interpolated linearly."""
     for before, after in zip(history[:-1], history[1:], strict=True):
         if before["reward"] < level <= after["reward"]:
             w = (level - before["reward"]) / (after["reward"] - before["reward"])
-            return {key: before[key] + w * (after[key] - before[key]) for key in ("diversity", "modes") if key in after}
+            keys = [k for k in ("diversity", "vendi", "modes") if k in after]
+            return {key: before[key] + w * (after[key] - before[key]) for key in keys}
     return None
 
 
 def matched_quality_table(histories, baseline="grpo", n_levels=4):
     """Each method's diversity at the same reward levels (the paper's 'matched quality' comparison).
 
-    The levels are spread over the upper part of the range that every method reaches: from half-way between the
-    base model's reward and the lowest of the methods' best rewards, up to that best reward.
+    histories: {method: [history of each seed]}. The levels are spread over the upper part of the range that every
+    run reaches: from half-way between the base model's reward and the lowest of the runs' best rewards, up to that
+    best reward. A cell is the mean (and std) over seeds; it is None if a run never reaches the level.
     """
-    start = min(h[0]["reward"] for h in histories.values())
-    top = min(max(r["reward"] for r in h) for h in histories.values())
-    levels = [start + (top - start) * f for f in np.linspace(0.5, 1.0, n_levels)]
+    runs = [h for per_seed in histories.values() for h in per_seed]
+    start = max(h[0]["reward"] for h in runs)
+    top = min(max(r["reward"] for r in h) for h in runs)
+    levels = [start + (top - start) * f for f in np.linspace(0.5, 1.0, n_levels)] if n_levels > 1 else [top]
     rows = []
     for level in levels:
         row = dict(reward=level)
-        for method, history in histories.items():
-            at = diversity_at_reward(history, level - 1e-9)
-            row[method] = at["diversity"] if at else None
-            row[method + "_modes"] = at.get("modes") if at else None
-        if baseline in histories:
-            for method in histories:
-                if method != baseline and row[method] is not None and row[baseline]:
-                    row[method + "_gain"] = row[method] / row[baseline] - 1
+        for method, per_seed in histories.items():
+            found = [diversity_at_reward(h, level - 1e-9) for h in per_seed]
+            found = None if None in found else found
+            for key in ("diversity", "vendi", "modes"):
+                values = [f[key] for f in found] if found and key in found[0] else None
+                name = method if key == "diversity" else f"{method}_{key}"
+                row[name] = float(np.mean(values)) if values else None
+                if key == "diversity":
+                    row[method + "_std"] = float(np.std(values)) if values else None
+        for method in histories:
+            if method != baseline and baseline in histories and row[method] is not None and row[baseline]:
+                row[method + "_gain"] = row[method] / row[baseline] - 1
         rows.append(row)
     return rows
 
 
 def format_table(rows, methods):
-    """The matched-quality table as text: diversity (and modes, on the toy) of each method per reward level."""
+    """The matched-quality table as text: diversity +- std over seeds (and modes, on the toy) per reward level."""
 
     def cell(row, method):
-        value, modes = row[method], row[method + "_modes"]
-        text = "n/a" if value is None else f"{value:.3f}" + ("" if modes is None else f" ({modes:4.1f})")
-        return f"{text:>24}"
+        if row[method] is None:
+            return f"{'n/a':>26}"
+        text = f"{row[method]:.3f}" + (f"+-{row[method + '_std']:.3f}" if row[method + "_std"] else "")
+        modes = row[method + "_modes"]
+        return f"{text + ('' if modes is None else f' ({modes:4.1f})'):>26}"
 
-    lines = ["reward  " + "".join(f"{m + ' div (modes)':>24}" for m in methods) + "   gain vs " + methods[0]]
+    lines = ["reward  " + "".join(f"{m + ' div (modes)':>26}" for m in methods) + "   gain vs " + methods[0]]
     for row in rows:
         gains = "  ".join(f"{row[m + '_gain']:+.1%}" for m in methods[1:] if m + "_gain" in row)
         lines.append(f"{row['reward']:.3f}  " + "".join(cell(row, m) for m in methods) + f"   {gains}")
     return "\n".join(lines)
 
 
-def plot_toy(path, base_samples, final_samples, histories):
-    """One row per prompt (base, then each method's final ODE samples), and the reward-vs-diversity curves."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_toy(path, base_samples, final_samples, histories):
+    """One row per prompt (base, then each method's final ODE samples), and the reward-vs-diversity curves."""
+    plt = _pyplot()
     prompts = list(base_samples)
     columns = ["base"] + list(final_samples)
     fig, axes = plt.subplots(len(prompts), len(columns) + 1, figsize=(3 * (len(columns) + 1), 3 * len(prompts)))
@@ -1281,8 +1399,11 @@ def plot_toy(path, base_samples, final_samples, histories):
             ax.set_title(f"{name}: {prompt}", fontsize=8)
         axes[r, -1].axis("off")
     ax = fig.add_subplot(len(prompts), len(columns) + 1, len(columns) + 1)
-    for method, history in histories.items():
-        ax.plot([h["reward"] for h in history], [h["diversity"] for h in history], marker=".", label=method)
+    for i, (method, runs) in enumerate(histories.items()):
+        for seed, history in enumerate(runs):  # the first seed solid, the others faint
+            first = seed == 0
+            ax.plot([h["reward"] for h in history], [h["diversity"] for h in history], marker="." if first else None,
+                    color=f"C{i}", alpha=1.0 if first else 0.35, label=method if first else None)  # fmt: skip
     ax.set_xlabel("mean reward (ODE)")
     ax.set_ylabel("diversity (mean pairwise dist.)")
     ax.legend(fontsize=7)
@@ -1291,7 +1412,281 @@ def plot_toy(path, base_samples, final_samples, histories):
     plt.close(fig)
 
 
-# ---- 11. main ----
+def plot_training_curves(path, histories, groups):
+    """Reward and diversity against iteration (first seed), one row per group of runs: {row title: [labels]}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
+    for row, (title, labels) in enumerate(groups.items()):
+        for label in labels:
+            history = histories[label][0]
+            iterations = [h["iteration"] for h in history]
+            axes[row, 0].plot(iterations, [h["reward"] for h in history], label=label)
+            axes[row, 1].plot(iterations, [h["diversity"] for h in history], label=label)
+        axes[row, 0].set_ylabel(f"reward ({title} sweep)")
+        axes[row, 1].set_ylabel("diversity (mean pairwise dist.)")
+        axes[row, 1].legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_branching(path, mean_curve, per_prompt, third):
+    """Diversity after sharing the first s SDE steps, with the first third of the steps shaded."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for prompt, curve in per_prompt.items():
+        ax.plot(curve, alpha=0.4, label=prompt)
+    ax.plot(mean_curve, color="black", marker="o", label="mean")
+    ax.axvspan(0, third, color="grey", alpha=0.15)
+    ax.set_xlabel("shared SDE steps s")
+    ax.set_ylabel("diversity of the branches")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_bonus_cost(path, rows):
+    """Wall time of the bonus against group size, log-log, for both eigengap solvers."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sizes = [r["group_size"] for r in rows]
+    for solver in ("dense", "arpack"):
+        ax.loglog(sizes, [r[solver] for r in rows], marker="o", label=f"{solver} eigengap")
+    ax.set_xlabel("group size N")
+    ax.set_ylabel("seconds per group")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---- 11. The paper's analyses: ablation, sweeps, branching, choice of k, cost of the bonus ----
+
+
+def with_changes(cfg, changes):
+    """A copy of cfg with dotted keys replaced, e.g. {"diverse.beta": 0.7}."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        *path, name = key.split(".")
+        setattr(functools.reduce(getattr, path, cfg), name, value)
+    return cfg
+
+
+def train_variants(cfg, variants, log):
+    """Train each (label, method, changes) variant from its seed's base model, for every seed of the analysis.
+
+    Returns ({label: [history per seed]}, {label: final ODE samples of the first seed}).
+    """
+    histories, final_samples = {label: [] for label, _, _ in variants}, {}
+    for seed in cfg.analysis.seeds or [cfg.seed]:
+        for label, method, changes in variants:
+            variant = with_changes(cfg, {"seed": seed, **changes})
+            backbone = build_backbone(variant)  # a fresh copy of the seed's base model
+
+            def run_log(record, label=label, seed=seed):
+                log({"run": label, "seed": seed, **record})
+
+            histories[label].append(train(variant, backbone, method, run_log, name=f"{label}-seed{seed}"))
+            if isinstance(backbone, ToyBackbone) and label not in final_samples:
+                final_samples[label] = evaluate(variant, backbone, return_samples=True)[1]
+            del backbone  # free the GPU before the next variant loads its own copy of the models
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return histories, final_samples
+
+
+def branching_diversity(backbone, prompt, sigmas, noise_level, trunks, branches, generator):
+    """Diversity when samples share their first s SDE steps, for s = 0..T (DiverseGRPO project page).
+
+    Each of `trunks` trajectories starts from one noise and runs s steps; then `branches` copies of it finish the
+    remaining steps with independent noise. Returns T + 1 values: the mean, over trunks, of the final samples'
+    mean pairwise distance. The last step is deterministic, so s = T - 1 and s = T share everything: diversity 0.
+    """
+    T = len(sigmas) - 1
+    cond = backbone.encode([prompt] * branches)
+    trunk_seeds = torch.randint(2**31, (trunks,), generator=generator).tolist()  # the same trunks for every s
+    curve = []
+    for shared in range(T + 1):
+        scores = []
+        for trunk_seed in trunk_seeds:
+            trunk_generator = torch.Generator().manual_seed(trunk_seed)
+            x = backbone.noise(1, trunk_generator)
+            for i in range(shared):  # the shared stem: one sample
+                velocity = backbone.velocity(x, sigmas[i], _select(cond, [0]))
+                level = noise_level if i < T - 1 else 0.0  # the last step is deterministic, as in rollout()
+                x, *_ = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], level, generator=trunk_generator)
+            x = x.expand(branches, *x.shape[1:])  # (1, ...) -> (branches, ...)
+            for i in range(shared, T):  # the branches: independent noise from here on
+                velocity = backbone.velocity(x, sigmas[i], cond)
+                level = noise_level if i < T - 1 else 0.0
+                x, *_ = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], level, generator=generator)
+            scores.append(diversity_score(backbone.features(backbone.decode(x)), backbone.feature_metric))
+        curve.append(float(np.mean(scores)))
+    return curve
+
+
+def clustering_stability(groups, n_clusters, sigma, seeds=5, jitter=0.02):
+    """How stable the bonus's clustering is: mean adjusted Rand index (1 = identical labels).
+
+    across_seeds: labels from different clustering seeds on the same group; under_jitter: labels before and after
+    moving every sample by Gaussian noise of `jitter` times the group's median pairwise distance.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    generator = torch.Generator().manual_seed(0)
+    across_seeds, under_jitter, n_found = [], [], []
+    for features in groups:
+        distances = pairwise_distances(features)
+        labels = [creativity_bonus(distances, n_clusters, sigma, seed)[1] for seed in range(seeds)]
+        across_seeds += [adjusted_rand_score(labels[0], other) for other in labels[1:]]
+        scale = jitter * distances[~torch.eye(len(features), dtype=torch.bool)].median()
+        moved = features + scale * torch.randn(features.shape, generator=generator)
+        under_jitter.append(
+            adjusted_rand_score(labels[0], creativity_bonus(pairwise_distances(moved), n_clusters, sigma, 0)[1])
+        )
+        n_found.append(len(set(labels[0].tolist())))
+    return dict(ari_across_seeds=float(np.mean(across_seeds)), ari_under_jitter=float(np.mean(under_jitter)),
+                clusters=float(np.mean(n_found)))  # fmt: skip
+
+
+def time_bonus(features, n_clusters, sigma, eigen_solver, repeats=3):
+    """Median wall time of the whole bonus (distances, affinity, clustering, bonus) for one group, in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        creativity_bonus(pairwise_distances(features), n_clusters, sigma, 0, eigen_solver=eigen_solver)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def compare_methods(cfg, log):
+    """Train cfg.methods from the same base, on every seed, and compare them at matched reward (and the ablation)."""
+    histories, final_samples = train_variants(cfg, [(m, m, {}) for m in cfg.methods], log)
+    rows = matched_quality_table(histories, baseline=cfg.methods[0])
+    print("\nDiversity at matched reward (ODE evaluation, mean over prompts; mean +- std over seeds):")
+    print(format_table(rows, cfg.methods))
+    if all(row[cfg.methods[0]] is None for row in rows):
+        print("(no reward level above the base model's is reached by every run: train longer to compare)")
+    if cfg.backbone == "toy":
+        base_samples = evaluate(cfg, build_backbone(cfg), return_samples=True)[1]
+        plot_toy(os.path.join(cfg.output_dir, "toy.png"), base_samples, final_samples, histories)
+    final = {m: [h[-1] for h in hs] for m, hs in histories.items()}
+    return dict(experiment="compare", seeds=cfg.analysis.seeds or [cfg.seed], methods=cfg.methods, table=rows,
+                final=final)  # fmt: skip
+
+
+def sweep(cfg, log):
+    """The paper's ablations of beta (bonus weight) and K (regularized steps), each against plain GRPO."""
+    a = cfg.analysis
+    variants = [("grpo", "grpo", {})]
+    variants += [(f"beta={b}", "diversegrpo", {"diverse.beta": b}) for b in a.betas]
+    variants += [(f"K={k}", "diversegrpo", {"diverse.K": k}) for k in a.Ks]
+    histories, _ = train_variants(cfg, variants, log)
+    level = matched_quality_table(histories, n_levels=1)[0]  # the highest reward every variant reaches
+    rows = []
+    for label, runs in histories.items():
+        last = runs[0][-1]
+        rows.append(dict(run=label, reward=last["reward"], diversity=last["diversity"], modes=last.get("modes"),
+                         best_reward=max(r["reward"] for r in runs[0]), diversity_at_matched=level[label]))  # fmt: skip
+    print(f"\nSweep (final ODE metrics; diversity at matched reward {level['reward']:.3f}):")
+    print("run          reward  diversity  modes  best reward  diversity at matched")
+    for r in rows:
+        matched = "n/a" if r["diversity_at_matched"] is None else f"{r['diversity_at_matched']:.3f}"
+        print(f"{r['run']:<12} {r['reward']:6.3f}  {r['diversity']:9.3f}  {r['modes'] or 0:5.1f}  "
+              f"{r['best_reward']:11.3f}  {matched:>20}")  # fmt: skip
+    groups = {"beta": ["grpo"] + [f"beta={b}" for b in a.betas], "K": ["grpo"] + [f"K={k}" for k in a.Ks]}
+    plot_training_curves(os.path.join(cfg.output_dir, "sweep.png"), histories, groups)
+    return dict(experiment="sweep", matched_reward=level["reward"], table=rows)
+
+
+def compare_n_clusters(cfg, log):
+    """Fixed k against the eigengap's choice: diversity at matched reward, and how stable the clustering is."""
+    a = cfg.analysis
+    labels = [f"k={k}" for k in a.n_clusters]
+    variants = [("grpo", "grpo", {})] + [(f"k={k}", "diversegrpo", {"diverse.n_clusters": k}) for k in a.n_clusters]
+    histories, _ = train_variants(cfg, variants, log)
+    rows = matched_quality_table(histories, baseline="grpo")
+    print("\nDiversity at matched reward by choice of k (mean +- std over seeds):")
+    print(format_table(rows, ["grpo"] + labels))
+    # Stability, on groups of G SDE samples of the base model: the groups the bonus sees early in training.
+    backbone = build_backbone(cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sigmas, G = backbone.sigmas(cfg.sampling.num_steps), cfg.sampling.group_size
+    groups = []
+    for prompt in backbone.prompts:
+        cond = backbone.encode([prompt] * G)
+        for _ in range(a.stability_groups):
+            latents, _ = rollout(
+                backbone, cond, backbone.noise(G, generator), sigmas, cfg.sampling.noise_level, generator
+            )
+            groups.append(backbone.features(backbone.decode(latents[:, -1])))
+    stability = {f"k={k}": clustering_stability(groups, k, cfg.diverse.sigma) for k in a.n_clusters}
+    print("\nClustering stability on base-model groups (adjusted Rand index; 1 = identical labels):")
+    print("k         clusters found  ARI across seeds  ARI under 2% jitter")
+    for label, s in stability.items():
+        print(f"{label:<9} {s['clusters']:14.1f}  {s['ari_across_seeds']:16.3f}  {s['ari_under_jitter']:19.3f}")
+    plot_training_curves(os.path.join(cfg.output_dir, "adaptive_k.png"), histories, {"k": ["grpo"] + labels})
+    return dict(experiment="adaptive_k", table=rows, stability=stability)
+
+
+def branching(cfg):
+    """The project page's analysis on the base model: how much diversity the first steps decide."""
+    backbone = build_backbone(cfg)
+    sigmas = backbone.sigmas(cfg.sampling.num_steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        curves = {
+            prompt: branching_diversity(backbone, prompt, sigmas, cfg.sampling.noise_level, cfg.analysis.trunks,
+                                        cfg.sampling.group_size, generator)
+            for prompt in backbone.eval_prompts
+        }  # fmt: skip
+    T = cfg.sampling.num_steps
+    mean_curve = np.mean(list(curves.values()), axis=0)  # (T + 1,): diversity after sharing s steps
+    third = round(T / 3)
+    fraction = float((mean_curve[0] - mean_curve[third]) / (mean_curve[0] - mean_curve[T]))
+    print("\nDiversity when the first s SDE steps are shared (mean over prompts):")
+    print("s  " + " ".join(f"{s:6d}" for s in range(T + 1)))
+    print("D  " + " ".join(f"{d:6.3f}" for d in mean_curve))
+    print(
+        f"share of the whole diversity change in the first {third} of {T} steps: {fraction:.1%} (paper, SD3.5-M: 66.6%)"
+    )
+    plot_branching(os.path.join(cfg.output_dir, "branching.png"), mean_curve, curves, third)
+    return dict(experiment="branching", curve=mean_curve.tolist(), per_prompt=curves, first_third_steps=third,
+                first_third_fraction=fraction)  # fmt: skip
+
+
+def bonus_cost(cfg, log):
+    """Wall time of the whole bonus as the group grows, with the dense and the arpack eigengap."""
+    a = cfg.analysis
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rows = []
+    for n in a.group_sizes:
+        features = toy_data(torch.zeros(n, dtype=torch.long), cfg.toy.mode_std, generator)  # the ring's 8 modes
+        row = dict(group_size=n)
+        for solver in ("dense", "arpack"):
+            row[solver] = time_bonus(features, cfg.diverse.n_clusters, cfg.diverse.sigma, solver, a.repeats)
+        rows.append(row)
+        log(row)
+    sizes = np.log([r["group_size"] for r in rows])
+    slopes = {s: float(np.polyfit(sizes, np.log([r[s] for r in rows]), 1)[0]) for s in ("dense", "arpack")}
+    iteration = train(with_changes(cfg, {"train.iterations": 5, "train.eval_every": 5}), build_backbone(cfg),
+                      "diversegrpo", log=lambda r: None)[-1]["iter_seconds"]  # fmt: skip
+    print("\nWall time of the creativity bonus for one group (distances, affinity, eigengap, clustering, bonus):")
+    print("N       dense eigengap  arpack eigengap")
+    for r in rows:
+        print(f"{r['group_size']:<7} {r['dense']:12.3f} s  {r['arpack']:13.3f} s")
+    print(f"growth ~ N^{slopes['dense']:.2f} (dense), N^{slopes['arpack']:.2f} (arpack); one toy training iteration "
+          f"(G={cfg.sampling.group_size}, 2 prompts): {iteration:.3f} s; one SD3.5-M sampling step of 24 images "
+          f"(estimated): {a.sd3_step_seconds:.2f} s")  # fmt: skip
+    plot_bonus_cost(os.path.join(cfg.output_dir, "bonus_cost.png"), rows)
+    return dict(experiment="bonus_cost", table=rows, growth_exponent=slopes, toy_iteration_seconds=iteration,
+                sd3_step_seconds_estimate=a.sd3_step_seconds)  # fmt: skip
+
+
+# ---- 12. main ----
 
 
 def build_backbone(cfg):
@@ -1329,7 +1724,7 @@ def check_output_dir(cfg):
 
 
 def run(cfg):
-    """Train every method of the config from the same base and seed, then compare them at matched quality."""
+    """Run the config's experiment; every experiment writes metrics.jsonl, summary.json and a figure to output_dir."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -1342,31 +1737,20 @@ def run(cfg):
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     start = time.time()
-    histories, final_samples = {}, {}
-    base_samples = None
-    for method in cfg.methods:
-        backbone = build_backbone(cfg)  # a fresh copy of the base model for each method
-        toy = cfg.backbone == "toy"  # the toy's scatter plots need the samples; an evaluation costs it ~0.1 s
-        if toy and base_samples is None:
-            _, base_samples = evaluate(cfg, backbone, return_samples=True)
-        histories[method] = train(cfg, backbone, method, log)
-        if toy:
-            _, final_samples[method] = evaluate(cfg, backbone, return_samples=True)
-    rows = matched_quality_table(histories, baseline=cfg.methods[0])
-    summary = dict(
-        preset_seed=cfg.seed,
-        methods=cfg.methods,
-        table=rows,
-        wall_seconds=time.time() - start,
-        final={m: h[-1] for m, h in histories.items()},
-    )
+    if cfg.experiment == "compare":
+        summary = compare_methods(cfg, log)
+    elif cfg.experiment == "sweep":
+        summary = sweep(cfg, log)
+    elif cfg.experiment == "adaptive_k":
+        summary = compare_n_clusters(cfg, log)
+    elif cfg.experiment == "branching":
+        summary = branching(cfg)
+    else:
+        summary = bonus_cost(cfg, log)
+    summary["wall_seconds"] = time.time() - start
     with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print("\nDiversity at matched reward (ODE evaluation, mean over prompts):")
-    print(format_table(rows, cfg.methods))
-    if toy:
-        plot_toy(os.path.join(cfg.output_dir, "toy.png"), base_samples, final_samples, histories)
-    print(f"\nwrote metrics.jsonl, summary.json and figures to {cfg.output_dir} ({time.time() - start:.1f} s)")
+    print(f"\nwrote metrics.jsonl, summary.json and figures to {cfg.output_dir} ({summary['wall_seconds']:.1f} s)")
     return summary
 
 

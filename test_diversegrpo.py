@@ -302,15 +302,36 @@ def test_same_seed_same_metrics(tmp_path):
     assert untimed[0] == untimed[1] and len(untimed[0]) == 3
 
 
-def test_matched_quality_table_interpolates():
-    histories = {
-        "grpo": [dict(reward=0.0, diversity=2.0, modes=8), dict(reward=1.0, diversity=1.0, modes=2)],
-        "diversegrpo": [dict(reward=0.0, diversity=2.0, modes=8), dict(reward=1.0, diversity=2.0, modes=8)],
+def test_matched_quality_table_interpolates_and_averages_seeds():
+    def curve(*points):
+        return [dict(reward=r, diversity=d, modes=m) for r, d, m in points]
+
+    histories = {  # {method: [history of each seed]}
+        "grpo": [curve((0.0, 2.0, 8), (1.0, 1.0, 2)), curve((0.0, 2.0, 8), (1.0, 0.0, 1))],
+        "diversegrpo": [curve((0.0, 2.0, 8), (1.0, 2.0, 8)), curve((0.0, 2.0, 8), (1.0, 2.0, 8))],
     }
     rows = dg.matched_quality_table(histories, n_levels=2)
     assert [round(r["reward"], 6) for r in rows] == [0.5, 1.0]
-    assert abs(rows[0]["grpo"] - 1.5) < 1e-6 and abs(rows[0]["diversegrpo_gain"] - (2.0 / 1.5 - 1)) < 1e-6
-    assert abs(rows[1]["diversegrpo_gain"] - 1.0) < 1e-6
+    assert rows[0]["grpo"] == pytest.approx((1.5 + 1.0) / 2) and rows[0]["grpo_std"] == pytest.approx(0.25)
+    assert rows[0]["diversegrpo_gain"] == pytest.approx(2.0 / 1.25 - 1)
+    assert rows[1]["grpo_modes"] == pytest.approx(1.5) and rows[1]["diversegrpo_gain"] == pytest.approx(3.0)
+    never = {"grpo": [curve((0.0, 2.0, 8), (1.0, 1.0, 2))], "flat": [curve((0.0, 2.0, 8), (0.0, 2.0, 8))]}
+    assert dg.matched_quality_table(never, n_levels=2)[0]["grpo"] is None  # no level above a run that never improved
+
+
+def test_vendi_score_counts_clusters():
+    blobs = torch.cat([torch.full((5, 2), float(c)) for c in range(4)]) * 10  # 4 far-apart clusters of 5 points
+    assert dg.vendi_score(blobs, bandwidth=1.0) == pytest.approx(4.0, rel=1e-6)
+    assert dg.vendi_score(torch.ones(6, 2), bandwidth=1.0) == pytest.approx(1.0)
+    unit = torch.eye(3)  # orthogonal embeddings: cosine similarity is the identity
+    assert dg.vendi_score(unit, "cosine") == pytest.approx(3.0)
+
+
+def test_eigengap_solvers_agree():
+    centres = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0], [3.0, 3.0], [6.0, 6.0]])
+    points = centres.repeat_interleave(60, 0) + 0.1 * torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    affinity = torch.exp(-(dg.pairwise_distances(points) ** 2) / (2 * 0.5**2)).double().numpy()
+    assert dg.eigengap_n_clusters(affinity, 20, "dense") == dg.eigengap_n_clusters(affinity, 20, "arpack") == 5
 
 
 # ---- the real command ----
@@ -700,7 +721,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
     monkeypatch.setattr(dg, "grpo_loss", interrupt_in_iteration_4_of_the_second_method)
     with pytest.raises(KeyboardInterrupt):
         dg.run(_tiny_cfg(tmp_path / "interrupted", *extra))
-    assert sorted(os.listdir(tmp_path / "interrupted" / "checkpoints" / "diversegrpo")) == ["000002", "000003"]
+    assert sorted(os.listdir(tmp_path / "interrupted" / "checkpoints" / "diversegrpo-seed0")) == ["000002", "000003"]
     monkeypatch.setattr(dg, "grpo_loss", real_loss)
     dg.run(_tiny_cfg(tmp_path / "interrupted", *extra, "resume=true"))
     assert _metrics(tmp_path / "interrupted" / "metrics.jsonl") == _metrics(tmp_path / "straight" / "metrics.jsonl")
@@ -730,5 +751,5 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err
-    checkpoints = os.listdir(tmp_path / "checkpoints" / "grpo")
+    checkpoints = os.listdir(tmp_path / "checkpoints" / "grpo-seed0")
     assert len(checkpoints) == 1 and int(checkpoints[0]) >= 2
