@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -588,7 +589,7 @@ def test_cli_real_preset_without_weights_fails_in_one_line(tmp_path):
 
 def _write(tmp_path, name, text):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))  # a lone surrogate writes a byte that is not UTF-8
     return str(path)
 
 
@@ -614,6 +615,22 @@ BAD_INPUTS = {  # name: (extra command-line arguments, a word the one-line error
         "model.prompts_file",
     ),
     "empty prompts file": (["--preset", "sd3_pickscore", "--set", "model.prompts_file=EMPTY_FILE"], "no prompts"),
+    "noise level zero (no SDE to train)": (["--set", "sampling.noise_level=0"], "sampling.noise_level"),
+    "one evaluation sample": (["--set", "sampling.eval_samples=1"], "sampling.eval_samples"),
+    "empty output_dir": (["--set", "output_dir="], "output_dir"),
+    "unknown dtype": (["--preset", "sd3_pickscore", "--set", "dtype=foo"], "dtype"),
+    "toy on a GPU": (["--set", "device=cuda"], "the toy runs on the CPU"),
+    "dunder key": (["--set", "sampling.__class__=1"], "sampling.__class__"),
+    "not-a-number learning rate": (["--set", "train.lr=nan"], "train.lr"),
+    "a method twice": (["--set", "methods=[grpo,grpo]"], "twice"),
+    "grpo_kl without a KL weight": (["--set", "methods=[grpo_kl]"], "train.kl_beta"),
+    "resolution not a multiple of 16": (
+        ["--preset", "sd3_pickscore", "--set", "model.resolution=500"],
+        "model.resolution",
+    ),
+    "non-UTF-8 config file": (["--config", "BINARY_YAML"], "invalid YAML"),
+    "unknown experiment": (["--set", "experiment=fancy"], "experiment"),
+    "hpsv3 not installed": (["--preset", "sd3_hpsv3"], "hpsv3"),
 }
 
 
@@ -624,6 +641,7 @@ def test_bad_input_gives_one_line_and_exit_2(name, tmp_path, capsys):
         "INVALID_YAML": _write(tmp_path, "invalid.yaml", "toy: [unclosed\n"),
         "NESTED_YAML": _write(tmp_path, "nested.yaml", "toy:\n  train:\n    lrr: 1\n"),
         "model.prompts_file=EMPTY_FILE": f"model.prompts_file={_write(tmp_path, 'empty.txt', chr(10) * 3)}",
+        "BINARY_YAML": _write(tmp_path, "binary.yaml", "toy:\n  seed: \udcff\n"),
     }
     args = [replacements.get(a, a) for a in args]
     config = [] if "--config" in args else ["--config", CONFIG]
@@ -753,3 +771,115 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     assert err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err
     checkpoints = os.listdir(tmp_path / "checkpoints" / "grpo-seed0")
     assert len(checkpoints) == 1 and int(checkpoints[0]) >= 2
+
+
+# ---- review follow-ups: dtypes, caches, schedules against diffusers, the K gate, hpsv3 ----
+
+
+def test_lora_weights_stay_float32_in_a_bf16_model(tmp_path):
+    cfg, backbone = _tiny_image_backbone("sd3", tmp_path, "dtype=bfloat16", "train.lr=0.01")
+    backbone.model.to(torch.bfloat16)
+    history = dg.train(cfg, backbone, "diversegrpo", log=lambda record: None)
+    lora = [p for n, p in backbone.model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert math.isfinite(history[-1]["loss"]) and any(p.abs().sum() > 0 for p in lora)
+
+
+def test_toy_base_cache_depends_on_seed_and_settings(tmp_path):
+    a = dg.ToyBackbone(_tiny_cfg(tmp_path))
+    b = dg.ToyBackbone(_tiny_cfg(tmp_path, "seed=1"))
+    c = dg.ToyBackbone(_tiny_cfg(tmp_path, "toy.hidden=16"))
+    assert len(list(tmp_path.glob("toy_base_*.pt"))) == 3
+    assert not torch.equal(a.model.fc1.weight, b.model.fc1.weight) and c.model.fc1.weight.shape[0] == 16
+    again = dg.ToyBackbone(_tiny_cfg(tmp_path))  # the cache is read back, not retrained
+    assert torch.equal(a.model.fc1.weight, again.model.fc1.weight)
+
+
+def test_schedules_equal_diffusers_schedulers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    torch.testing.assert_close(dg.flow_match_sigmas(10, 3.0), scheduler.sigmas.float(), atol=1e-6, rtol=0)
+    flux = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    flux.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=calculate_shift(1024, 256, 4096, 0.5, 1.15))
+    torch.testing.assert_close(dg.flux_sigmas(6, 1024), flux.sigmas.float(), atol=1e-6, rtol=0)
+
+
+def test_regularizer_only_on_the_first_k_steps_and_last_step_never_trained(tmp_path, monkeypatch):
+    calls = {"reference": 0, "loss": 0}
+    real_disabled, real_loss = dg.adapters_disabled, dg.grpo_loss
+
+    def counting_disabled(model):
+        calls["reference"] += 1
+        return real_disabled(model)
+
+    def counting_loss(*args):
+        calls["loss"] += 1
+        return real_loss(*args)
+
+    monkeypatch.setattr(dg, "adapters_disabled", counting_disabled)
+    monkeypatch.setattr(dg, "grpo_loss", counting_loss)
+    for K, expected_reference_calls in ((0, 0), (2, 2 * 3)):  # 3 iterations, 4 steps, of which 3 are trained
+        calls.update(reference=0, loss=0)
+        cfg = _tiny_cfg(tmp_path / f"K{K}", f"diverse.K={K}")
+        history = dg.train(cfg, dg.ToyBackbone(cfg), "reg_only", log=lambda record: None)
+        assert calls == {"reference": expected_reference_calls, "loss": 3 * 3}
+        assert K > 0 or all(record["reg"] == 0 for record in history[1:])
+
+
+def test_hpsv3_reward_path_with_a_stub_package(tmp_path, monkeypatch):
+    import importlib.machinery
+    import types
+
+    from PIL import Image
+
+    seen = {}
+
+    class StubInferencer:  # the hpsv3 API: reward(images, prompts) -> (B, 2) of (mu, sigma)
+        def __init__(self, device):
+            seen["device"] = device
+
+        def reward(self, images, prompts):
+            seen["types"] = {type(image) for image in images}
+            return torch.tensor([[float(len(p)), 1.0] for p in prompts])
+
+    stub = types.ModuleType("hpsv3")
+    stub.__spec__ = importlib.machinery.ModuleSpec("hpsv3", None)
+    stub.HPSv3RewardInferencer = StubInferencer
+    monkeypatch.setitem(sys.modules, "hpsv3", stub)
+    cfg = dg.load_config(CONFIG, "sd3_hpsv3", ["device=cpu", "train.micro_batch=2"])
+    scores = dg.load_reward(cfg)(torch.rand(3, 3, 8, 8), ["a", "bb", "ccc"])
+    assert scores.tolist() == [1.0, 2.0, 3.0] and seen["types"] == {Image.Image} and seen["device"] == "cpu"
+
+
+# ---- the analyses, each with tiny overrides ----
+
+
+@pytest.mark.parametrize(
+    "preset, extra, figure",
+    [
+        ("ablation", ["analysis.seeds=[0,1]", "methods=[grpo,grpo_kl,bonus_only,reg_only,diversegrpo]"], "toy.png"),
+        ("sweep", ["analysis.betas=[0.7]", "analysis.Ks=[1]"], "sweep.png"),
+        ("adaptive_k", ["analysis.seeds=[0]", "analysis.n_clusters=[auto,2]", "analysis.stability_groups=1"],
+         "adaptive_k.png"),
+        ("branching", ["analysis.trunks=2"], "branching.png"),
+        ("bonus_cost", ["analysis.group_sizes=[8,16]", "analysis.repeats=1"], "bonus_cost.png"),
+    ],
+)  # fmt: skip
+def test_analysis_presets_run(preset, extra, figure, tmp_path):
+    overrides = TINY + ["sampling.group_size=6", f"output_dir={tmp_path}"] + extra
+    cfg = dg.load_config(CONFIG, preset, overrides)
+    summary = dg.run(cfg)
+    assert (tmp_path / figure).stat().st_size > 5_000
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["experiment"] == cfg.experiment and saved["wall_seconds"] > 0
+    if preset == "ablation":
+        assert len(summary["final"]["reg_only"]) == 2 and set(summary["table"][0]) >= {"grpo_std", "diversegrpo_gain"}
+    if preset == "branching":
+        assert len(summary["curve"]) == cfg.sampling.num_steps + 1 and summary["curve"][-1] == 0.0
+    if preset == "adaptive_k":
+        assert 0.0 <= summary["stability"]["k=2"]["ari_across_seeds"] <= 1.0
+    if preset == "bonus_cost":
+        assert [row["group_size"] for row in summary["table"]] == [8, 16]
