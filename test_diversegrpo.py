@@ -646,8 +646,9 @@ def test_bad_input_gives_one_line_and_exit_2(name, tmp_path, capsys):
     args = [replacements.get(a, a) for a in args]
     config = [] if "--config" in args else ["--config", CONFIG]
     out = tmp_path / "out"
+    sets_output = any(a.startswith("output_dir=") for a in args)
     with pytest.raises(SystemExit) as exit_info:
-        dg.main(config + args + ["--set", f"output_dir={out}"])
+        dg.main(config + ([] if sets_output else ["--set", f"output_dir={out}"]) + args)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and needle in err, err
@@ -876,7 +877,7 @@ def test_analysis_presets_run(preset, extra, figure, tmp_path):
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["experiment"] == cfg.experiment and saved["wall_seconds"] > 0
     if preset == "ablation":
-        assert len(summary["final"]["reg_only"]) == 2 and set(summary["table"][0]) >= {"grpo_std", "diversegrpo_gain"}
+        assert len(summary["final"]["reg_only"]) == 2 and set(summary["table"][0]) >= {"grpo_std", "diversegrpo_vendi"}
     if preset == "branching":
         assert len(summary["curve"]) == cfg.sampling.num_steps + 1 and summary["curve"][-1] == 0.0
     if preset == "adaptive_k":
