@@ -1380,6 +1380,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_toy(path, base_samples, final_samples, histories):
     """One row per prompt (base, then each method's final ODE samples), and the reward-vs-diversity curves."""
     plt = _pyplot()
@@ -1407,9 +1413,7 @@ def plot_toy(path, base_samples, final_samples, histories):
     ax.set_xlabel("mean reward (ODE)")
     ax.set_ylabel("diversity (mean pairwise dist.)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_training_curves(path, histories, groups):
@@ -1427,9 +1431,7 @@ def plot_training_curves(path, histories, groups):
         axes[row, 1].legend(fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel("iteration")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_branching(path, mean_curve, per_prompt, third):
@@ -1443,9 +1445,7 @@ def plot_branching(path, mean_curve, per_prompt, third):
     ax.set_xlabel("shared SDE steps s")
     ax.set_ylabel("diversity of the branches")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_bonus_cost(path, rows):
@@ -1458,9 +1458,7 @@ def plot_bonus_cost(path, rows):
     ax.set_xlabel("group size N")
     ax.set_ylabel("seconds per group")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 # ---- 11. The paper's analyses: ablation, sweeps, branching, choice of k, cost of the bonus ----
