@@ -231,7 +231,7 @@ def _parse_override(text, cfg):
 
 def validate(cfg):
     """Reject impossible values and combinations with one line that names the key."""
-    s, t, d, m = cfg.sampling, cfg.train, cfg.diverse, cfg.model
+    s, t, d, m, a = cfg.sampling, cfg.train, cfg.diverse, cfg.model, cfg.analysis
     experiments = ("compare", "sweep", "adaptive_k", "branching", "bonus_cost")
     checks = [  # (what must hold, the error if it does not)
         (
@@ -290,6 +290,35 @@ def validate(cfg):
             min(cfg.toy.hidden, cfg.toy.pretrain_iters, cfg.toy.pretrain_batch) >= 1,
             "toy.hidden, toy.pretrain_iters, toy.pretrain_batch: must be at least 1",
         ),
+        (
+            min(cfg.toy.reward_width, cfg.toy.mode_std, cfg.toy.pretrain_lr) > 0,
+            "toy.reward_width, toy.mode_std, toy.pretrain_lr: must be positive",
+        ),
+        # The analysis lists are checked for the experiment that uses them.
+        (
+            cfg.experiment != "sweep" or all(type(b) in (int, float) and b >= 0 for b in a.betas),
+            f"analysis.betas: expected numbers >= 0, got {a.betas}",
+        ),
+        (
+            cfg.experiment != "sweep" or all(type(k) is int and 0 <= k < s.num_steps for k in a.Ks),
+            f"analysis.Ks: expected integers in [0, {s.num_steps - 1}], got {a.Ks}",
+        ),
+        (
+            cfg.experiment != "adaptive_k"
+            or all(k == "auto" or (type(k) is int and 1 <= k < s.group_size) for k in a.n_clusters),
+            f"analysis.n_clusters: expected auto or integers below sampling.group_size, got {a.n_clusters}",
+        ),
+        (
+            cfg.experiment != "bonus_cost"
+            or (len(a.group_sizes) >= 2 and all(type(n) is int and n >= 3 for n in a.group_sizes)),
+            f"analysis.group_sizes: expected two or more integers >= 3, got {a.group_sizes}",
+        ),
+        (min(a.trunks, a.stability_groups, a.repeats) >= 1, "analysis.trunks, stability_groups, repeats: must be >= 1"),
+        (
+            all(len(set(map(str, v))) == len(v) for v in (a.seeds, a.betas, a.Ks, a.n_clusters)),
+            "analysis: a seed, beta, K or n_clusters is listed twice",
+        ),
+        (cfg.experiment != "bonus_cost" or cfg.backbone == "toy", "experiment: bonus_cost runs on the toy backbone"),
     ]
     if cfg.backbone == "toy":
         checks += [
@@ -458,8 +487,8 @@ def kl_reg(prev_sample_mean, ref_prev_sample_mean, std_dev):
     """Exact KL between the policy's and the reference's Gaussian transitions, per element, -> (B,).
 
     KL = ||mu - mu_ref||^2 / (2 std^2) for equal covariances. Flow-GRPO's code divides by 2 sd^2 instead, without
-    the -dt of std^2 = sd^2 * (-dt): its KL is ours times -dt, so its weight beta equals beta * (-dt) here, which
-    varies by step (SD3, 10 steps: -dt from .04 to .27). No gradient reaches the reference.
+    the -dt of std^2 = sd^2 * (-dt): its KL is ours times -dt, so a Flow-GRPO weight b corresponds to b * (-dt)
+    here, which varies by step (SD3, 10 steps: -dt from .04 to .27). No gradient reaches the reference.
     """
     diff = prev_sample_mean - ref_prev_sample_mean.detach()
     std_dev = _per_sample(std_dev, diff)
@@ -541,12 +570,12 @@ def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0, max_clust
 
     distances = distances.detach().double().cpu().numpy()
     n = distances.shape[0]
+    if n < 3:  # too few to split into clusters of unequal size: one cluster, bonus 1 everywhere
+        return torch.ones(n), torch.zeros(n, dtype=torch.long)
     off_diagonal = distances[~np.eye(n, dtype=bool)]
-    if sigma is None:
-        sigma = float(np.median(off_diagonal)) if n > 1 else 0.0
-    if sigma <= 0 or n < 3 or off_diagonal.max() <= 1e-6:
-        # Identical samples (up to float noise, which fixed k would otherwise split into clusters), or too few to
-        # split into clusters of unequal size: one cluster, bonus 1 everywhere.
+    sigma = float(np.median(off_diagonal)) if sigma is None else sigma
+    if sigma <= 0 or off_diagonal.max() <= 1e-6:
+        # Identical samples, up to float noise (which a fixed k would otherwise split into clusters): one cluster.
         return torch.ones(n), torch.zeros(n, dtype=torch.long)
     affinity = np.exp(-(distances**2) / (2 * sigma**2))
     if n_clusters == "auto":
@@ -643,6 +672,7 @@ def _grid(n_side, spacing):
 # which is what draws plain GRPO onto the single best mode.
 TOY_PROMPTS = ["ring of eight", "three by three grid"]
 TOY_MODES = [_ring(8, 1.5), _grid(3, 1.2)]
+# The grid's heights are shuffled over its positions (row-major from (-1.2, -1.2)): the best mode, 1.0, is (-1.2, 0).
 TOY_HEIGHTS = [torch.linspace(1.0, 0.8, 8), torch.linspace(1.0, 0.8, 9)[torch.tensor([4, 0, 8, 2, 6, 1, 7, 3, 5])]]
 
 
@@ -1098,7 +1128,12 @@ def train(cfg, backbone, method, log=print, name=None):
     history = history or [dict(iteration=0, method=method, **evaluate(cfg, backbone))]
     for record in history:  # a resumed run rewrites the metrics it had, so metrics.jsonl never holds a line twice
         log(record)
+    if done and history[-1]["iteration"] != done and (done % t.eval_every == 0 or done == t.iterations):
+        # Interrupted during that iteration's evaluation: redo it (its noises are fixed). Its training stats are lost.
+        history.append(dict(iteration=done, method=method, **evaluate(cfg, backbone)))
+        log(history[-1])
     generator_state = generator.get_state()
+    skipped_total = dropped_total = 0  # updates skipped and rewards dropped since the last metrics line
     bar = tqdm(range(done + 1, t.iterations + 1), desc=name, initial=done, total=t.iterations)
     try:
         for iteration in bar:
@@ -1119,24 +1154,26 @@ def train(cfg, backbone, method, log=print, name=None):
                 samples = torch.cat([backbone.decode(latents[c, -1]) for c in chunks])
 
             # 2. Quality reward, plus the creativity bonus computed within each prompt's group (paper sec 3.2).
+            #    A sample with a NaN or inf reward (or image features) is dropped: it is left out of the clustering,
+            #    stands at its group's mean for the statistics, and gets A = 0.
             quality = backbone.reward(samples, prompts)  # (B,)
+            dropped = ~torch.isfinite(quality)
             bonus = torch.ones(B)
             if terms["bonus"]:
-                features = backbone.features(samples).reshape(P, G, -1)  # (B, D) -> (P, G, D)
+                features = backbone.features(samples)  # (B, D)
+                dropped |= ~torch.isfinite(features).all(dim=1)
                 for p in range(P):
-                    distances = pairwise_distances(features[p], backbone.feature_metric)
-                    bonus[p * G : (p + 1) * G], _ = creativity_bonus(
-                        distances, d.n_clusters, d.sigma, cfg.seed, d.max_clusters
-                    )
+                    group = torch.arange(p * G, (p + 1) * G)[~dropped[p * G : (p + 1) * G]]  # kept rows of group p
+                    distances = pairwise_distances(features[group], backbone.feature_metric)
+                    bonus[group], _ = creativity_bonus(distances, d.n_clusters, d.sigma, cfg.seed, d.max_clusters)
             rewards = quality + (d.beta * bonus if terms["bonus"] else 0.0)
 
-            # 3. Group-normalized advantages, shared by every step of a trajectory (Flow-GRPO Eq. 4). A sample whose
-            #    reward is NaN or inf is dropped: it stands at its group's mean for the statistics and gets A = 0.
-            dropped = ~torch.isfinite(rewards)
+            # 3. Group-normalized advantages, shared by every step of a trajectory (Flow-GRPO Eq. 4).
             if dropped.any():
                 names = sorted({prompts[i] for i in dropped.nonzero().flatten().tolist()})
                 message = f"dropped {int(dropped.sum())} non-finite reward(s) of {names}"
                 tqdm.write(f"warning: iteration {iteration}: {message}", file=sys.stderr)
+                dropped_total += int(dropped.sum())
                 grouped = rewards.masked_fill(dropped, float("nan")).reshape(P, G)  # (B,) -> (P, G)
                 group_mean = grouped.nanmean(dim=1, keepdim=True).nan_to_num(0.0)  # (P, 1); 0 if all are dropped
                 rewards = torch.where(grouped.isnan(), group_mean, grouped).reshape(B)
@@ -1172,13 +1209,12 @@ def train(cfg, backbone, method, log=print, name=None):
                     stats["reg"] += reg.item() * weight
                     stats["ratio"] += torch.exp(log_prob - old_log_probs[c, i]).mean().item() * weight
             grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, t.max_grad_norm)
-            skipped = not (torch.isfinite(grad_norm) and math.isfinite(stats["loss"] + stats["reg"]))
-            if skipped:  # one bad batch must not write NaN into the weights: skip this update, keep training
-                tqdm.write(
-                    f"warning: iteration {iteration}: non-finite loss or gradient, update skipped", file=sys.stderr
-                )
-            else:
+            if torch.isfinite(grad_norm) and math.isfinite(stats["loss"] + stats["reg"]):
                 optimizer.step()
+            else:  # one bad batch must not write NaN into the weights: skip this update, keep training
+                skipped_total += 1
+                message = "non-finite loss or gradient, update skipped"
+                tqdm.write(f"warning: iteration {iteration}: {message}", file=sys.stderr)
             done, generator_state = iteration, generator.get_state()
 
             # 5. Log; evaluate with the ODE every eval_every iterations; checkpoint every save_every.
@@ -1190,7 +1226,8 @@ def train(cfg, backbone, method, log=print, name=None):
                     train_reward=quality[~dropped].mean().item(),
                     bonus=bonus.mean().item(),
                     grad_norm=grad_norm.item(),
-                    skipped_update=skipped,
+                    skipped_updates=skipped_total,
+                    dropped_rewards=dropped_total,
                     **stats,
                     iter_seconds=time.time() - start,
                 )
@@ -1199,6 +1236,7 @@ def train(cfg, backbone, method, log=print, name=None):
                 record.update(evaluate(cfg, backbone, image_path=_image_path(cfg, name, iteration)))
                 history.append(record)
                 log(record)
+                skipped_total = dropped_total = 0  # the counts are since the previous metrics line
             if t.save_every and (iteration % t.save_every == 0 or iteration == t.iterations):
                 save_checkpoint(cfg, backbone, optimizer, generator_state, name, done, history)
     except KeyboardInterrupt:
@@ -1225,7 +1263,9 @@ def save_checkpoint(cfg, backbone, optimizer, generator_state, name, iteration, 
     root = os.path.join(cfg.output_dir, "checkpoints", name)
     final = os.path.join(root, f"{iteration:06d}")
     partial = final + ".partial"
-    os.makedirs(partial, exist_ok=True)
+    if os.path.exists(partial):  # left by a crash in the middle of a write
+        shutil.rmtree(partial)
+    os.makedirs(partial)
     if isinstance(backbone, DiffusersBackbone):
         backbone.save_lora(partial)
     state = dict(
@@ -1257,7 +1297,7 @@ def load_checkpoint(cfg, name, backbone, optimizer, generator):
     names = sorted(n for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
     if not names:
         return [], 0
-    state = torch.load(os.path.join(root, names[-1], "training_state.pt"), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(root, names[-1], "training_state.pt"), map_location="cpu", weights_only=True)
     set_peft_model_state_dict(backbone.model, state["lora"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
@@ -1303,11 +1343,7 @@ def evaluate(cfg, backbone, return_samples=False, image_path=None):
 
 def save_image_grid(path, samples):
     """One row per prompt, one column per sample: {prompt: (n, 3, H, W) in [0, 1]} -> a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = list(samples.values())  # P x (n, 3, H, W)
     grid = torch.cat([torch.cat(list(images), dim=2) for images in rows], dim=1)  # (3, P*H, n*W)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1316,7 +1352,7 @@ def save_image_grid(path, samples):
 
 def diversity_at_reward(history, level):
     """Diversity (and Vendi, modes) where a training curve first reaches a reward level, interpolated linearly."""
-    for before, after in zip(history[:-1], history[1:], strict=True):
+    for before, after in zip(history[:-1], history[1:]):  # noqa: B905 (equal lengths by construction)
         if before["reward"] < level <= after["reward"]:
             w = (level - before["reward"]) / (after["reward"] - before["reward"])
             keys = [k for k in ("diversity", "vendi", "modes") if k in after]
@@ -1329,18 +1365,22 @@ def matched_quality_table(histories, baseline="grpo", n_levels=4):
 
     histories: {method: [history of each seed]}. The levels are spread over the upper part of the range that every
     run reaches: from half-way between the base model's reward and the lowest of the runs' best rewards, up to that
-    best reward. A cell is the mean (and std) over seeds; it is None if a run never reaches the level.
+    best reward. A row is flat: {"reward", m, m_std, m_vendi, m_modes, m_gain} for each method m, the means (and
+    population std) over seeds; a cell is None if a run never reaches the level. [] when no level is shared.
     """
     runs = [h for per_seed in histories.values() for h in per_seed]
     start = max(h[0]["reward"] for h in runs)
     top = min(max(r["reward"] for r in h) for h in runs)
+    if top <= start:  # some run never rose above another's starting reward: no level is shared
+        return []
     levels = [start + (top - start) * f for f in np.linspace(0.5, 1.0, n_levels)] if n_levels > 1 else [top]
     rows = []
     for level in levels:
         row = dict(reward=level)
         for method, per_seed in histories.items():
-            found = [diversity_at_reward(h, level - 1e-9) for h in per_seed]
-            found = None if None in found else found
+            # level - 1e-9: the run whose best reward defines `top` must count as reaching it
+            cells = [diversity_at_reward(h, level - 1e-9) for h in per_seed]
+            found = None if None in cells else cells
             for key in ("diversity", "vendi", "modes"):
                 values = [f[key] for f in found] if found and key in found[0] else None
                 name = method if key == "diversity" else f"{method}_{key}"
@@ -1355,19 +1395,20 @@ def matched_quality_table(histories, baseline="grpo", n_levels=4):
 
 
 def format_table(rows, methods):
-    """The matched-quality table as text: diversity +- std over seeds (and modes, on the toy) per reward level."""
+    """The matched-quality table as text: per reward level, each method's diversity +- std / Vendi (modes)."""
 
     def cell(row, method):
         if row[method] is None:
-            return f"{'n/a':>26}"
+            return f"{'n/a':>30}"
         text = f"{row[method]:.3f}" + (f"+-{row[method + '_std']:.3f}" if row[method + "_std"] else "")
+        text += f" / {row[method + '_vendi']:.1f}"
         modes = row[method + "_modes"]
-        return f"{text + ('' if modes is None else f' ({modes:4.1f})'):>26}"
+        return f"{text + ('' if modes is None else f' ({modes:.1f})'):>30}"
 
-    lines = ["reward  " + "".join(f"{m + ' div (modes)':>26}" for m in methods) + "   gain vs " + methods[0]]
+    lines = ["reward  " + "".join(f"{m + ' div / vendi (modes)':>30}" for m in methods)]
     for row in rows:
-        gains = "  ".join(f"{row[m + '_gain']:+.1%}" for m in methods[1:] if m + "_gain" in row)
-        lines.append(f"{row['reward']:.3f}  " + "".join(cell(row, m) for m in methods) + f"   {gains}")
+        gains = ", ".join(f"{m} {row[m + '_gain']:+.1%}" if m + "_gain" in row else f"{m} n/a" for m in methods[1:])
+        lines.append(f"{row['reward']:.3f}  " + "".join(cell(row, m) for m in methods) + f"   gain: {gains}")
     return "\n".join(lines)
 
 
@@ -1470,6 +1511,7 @@ def with_changes(cfg, changes):
     for key, value in changes.items():
         *path, name = key.split(".")
         setattr(functools.reduce(getattr, path, cfg), name, value)
+    validate(cfg)  # a sweep value is held to the same rules as a config value
     return cfg
 
 
@@ -1526,7 +1568,7 @@ def branching_diversity(backbone, prompt, sigmas, noise_level, trunks, branches,
     return curve
 
 
-def clustering_stability(groups, n_clusters, sigma, seeds=5, jitter=0.02):
+def clustering_stability(groups, n_clusters, sigma, metric="euclidean", max_clusters=32, seed=0, seeds=5, jitter=0.02):
     """How stable the bonus's clustering is: mean adjusted Rand index (1 = identical labels).
 
     across_seeds: labels from different clustering seeds on the same group; under_jitter: labels before and after
@@ -1534,28 +1576,27 @@ def clustering_stability(groups, n_clusters, sigma, seeds=5, jitter=0.02):
     """
     from sklearn.metrics import adjusted_rand_score
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     across_seeds, under_jitter, n_found = [], [], []
     for features in groups:
-        distances = pairwise_distances(features)
-        labels = [creativity_bonus(distances, n_clusters, sigma, seed)[1] for seed in range(seeds)]
+        distances = pairwise_distances(features, metric)
+        labels = [creativity_bonus(distances, n_clusters, sigma, seed + i, max_clusters)[1] for i in range(seeds)]
         across_seeds += [adjusted_rand_score(labels[0], other) for other in labels[1:]]
         scale = jitter * distances[~torch.eye(len(features), dtype=torch.bool)].median()
         moved = features + scale * torch.randn(features.shape, generator=generator)
-        under_jitter.append(
-            adjusted_rand_score(labels[0], creativity_bonus(pairwise_distances(moved), n_clusters, sigma, 0)[1])
-        )
+        moved_labels = creativity_bonus(pairwise_distances(moved, metric), n_clusters, sigma, seed, max_clusters)[1]
+        under_jitter.append(adjusted_rand_score(labels[0], moved_labels))
         n_found.append(len(set(labels[0].tolist())))
     return dict(ari_across_seeds=float(np.mean(across_seeds)), ari_under_jitter=float(np.mean(under_jitter)),
                 clusters=float(np.mean(n_found)))  # fmt: skip
 
 
-def time_bonus(features, n_clusters, sigma, eigen_solver, repeats=3):
+def time_bonus(features, n_clusters, sigma, eigen_solver, max_clusters=32, repeats=3):
     """Median wall time of the whole bonus (distances, affinity, clustering, bonus) for one group, in seconds."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        creativity_bonus(pairwise_distances(features), n_clusters, sigma, 0, eigen_solver=eigen_solver)
+        creativity_bonus(pairwise_distances(features), n_clusters, sigma, 0, max_clusters, eigen_solver)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -1620,7 +1661,11 @@ def compare_n_clusters(cfg, log):
                 backbone, cond, backbone.noise(G, generator), sigmas, cfg.sampling.noise_level, generator
             )
             groups.append(backbone.features(backbone.decode(latents[:, -1])))
-    stability = {f"k={k}": clustering_stability(groups, k, cfg.diverse.sigma) for k in a.n_clusters}
+    stability = {
+        f"k={k}": clustering_stability(groups, k, cfg.diverse.sigma, backbone.feature_metric, cfg.diverse.max_clusters,
+                                       cfg.seed)
+        for k in a.n_clusters
+    }  # fmt: skip
     print("\nClustering stability on base-model groups (adjusted Rand index; 1 = identical labels):")
     print("k         clusters found  ARI across seeds  ARI under 2% jitter")
     for label, s in stability.items():
@@ -1643,7 +1688,7 @@ def branching(cfg):
     T = cfg.sampling.num_steps
     mean_curve = np.mean(list(curves.values()), axis=0)  # (T + 1,): diversity after sharing s steps
     third = round(T / 3)
-    fraction = float((mean_curve[0] - mean_curve[third]) / (mean_curve[0] - mean_curve[T]))
+    fraction = float((mean_curve[0] - mean_curve[third]) / max(mean_curve[0] - mean_curve[T], 1e-12))
     print("\nDiversity when the first s SDE steps are shared (mean over prompts):")
     print("s  " + " ".join(f"{s:6d}" for s in range(T + 1)))
     print("D  " + " ".join(f"{d:6.3f}" for d in mean_curve))
@@ -1663,8 +1708,9 @@ def bonus_cost(cfg, log):
     for n in a.group_sizes:
         features = toy_data(torch.zeros(n, dtype=torch.long), cfg.toy.mode_std, generator)  # the ring's 8 modes
         row = dict(group_size=n)
+        d = cfg.diverse
         for solver in ("dense", "arpack"):
-            row[solver] = time_bonus(features, cfg.diverse.n_clusters, cfg.diverse.sigma, solver, a.repeats)
+            row[solver] = time_bonus(features, d.n_clusters, d.sigma, solver, d.max_clusters, a.repeats)
         rows.append(row)
         log(row)
     # Growth exponent p of time ~ N^p between the two largest groups, where fixed overheads matter least.
@@ -1702,10 +1748,13 @@ def check_output_dir(cfg):
     current = json.loads(json.dumps(dataclasses.asdict(cfg)))  # the same JSON types as the file's
 
     def flat(tree, prefix=""):  # {"train": {"lr": 1}} -> {"train.lr": 1}
-        items = tree.items() if isinstance(tree, dict) else []
-        return {
-            k: v for key, value in items for k, v in (flat(value, f"{prefix}{key}.") or {prefix + key: value}).items()
-        }
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
 
     previous, current = flat(previous), flat(current)
     previous.pop("resume", None)
@@ -1716,7 +1765,8 @@ def check_output_dir(cfg):
             f"output_dir {cfg.output_dir} holds a run with a different config (differs in: {', '.join(changed)}); "
             "choose another output_dir or delete it"
         )
-    if not cfg.resume and os.path.isdir(os.path.join(cfg.output_dir, "checkpoints")):
+    checkpoints = os.path.join(cfg.output_dir, "checkpoints")
+    if not cfg.resume and any(any(n.isdigit() for n in os.listdir(r)) for r, _, _ in os.walk(checkpoints)):
         raise ConfigError(
             f"output_dir {cfg.output_dir} holds checkpoints: continue with --set resume=true, or delete them"
         )
