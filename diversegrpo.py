@@ -1399,13 +1399,13 @@ def format_table(rows, methods):
 
     def cell(row, method):
         if row[method] is None:
-            return f"{'n/a':>30}"
+            return f"{'n/a':>34}"
         text = f"{row[method]:.3f}" + (f"+-{row[method + '_std']:.3f}" if row[method + "_std"] else "")
         text += f" / {row[method + '_vendi']:.1f}"
         modes = row[method + "_modes"]
-        return f"{text + ('' if modes is None else f' ({modes:.1f})'):>30}"
+        return f"{text + ('' if modes is None else f' ({modes:.1f})'):>34}"
 
-    lines = ["reward  " + "".join(f"{m + ' div / vendi (modes)':>30}" for m in methods)]
+    lines = ["reward  " + "".join(f"{m + ' div / vendi (modes)':>34}" for m in methods)]
     for row in rows:
         gains = ", ".join(f"{m} {row[m + '_gain']:+.1%}" if m + "_gain" in row else f"{m} n/a" for m in methods[1:])
         lines.append(f"{row['reward']:.3f}  " + "".join(cell(row, m) for m in methods) + f"   gain: {gains}")
