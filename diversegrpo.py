@@ -1542,8 +1542,9 @@ def branching_diversity(backbone, prompt, sigmas, noise_level, trunks, branches,
     """Diversity when samples share their first s SDE steps, for s = 0..T (DiverseGRPO project page).
 
     Each of `trunks` trajectories starts from one noise and runs s steps; then `branches` copies of it finish the
-    remaining steps with independent noise. Returns T + 1 values: the mean, over trunks, of the final samples'
-    mean pairwise distance. The last step is deterministic, so s = T - 1 and s = T share everything: diversity 0.
+    remaining steps with independent noise. Even at s = 0 the branches share their starting noise, so the curve
+    measures what the SDE's own noise decides, step by step. Returns T + 1 values: the mean, over trunks, of the
+    final samples' mean pairwise distance. The last step is deterministic, so s = T - 1 and s = T share everything.
     """
     T = len(sigmas) - 1
     cond = backbone.encode([prompt] * branches)
@@ -1724,8 +1725,8 @@ def bonus_cost(cfg, log):
         print(f"{r['group_size']:<7} {r['dense']:12.3f} s  {r['arpack']:13.3f} s")
     print(f"growth from N={small['group_size']} to {large['group_size']}: ~N^{slopes['dense']:.2f} (dense), "
           f"N^{slopes['arpack']:.2f} (arpack); one toy training iteration "
-          f"(G={cfg.sampling.group_size}, 2 prompts): {iteration:.3f} s; one SD3.5-M sampling step of 24 images "
-          f"(estimated): {a.sd3_step_seconds:.2f} s")  # fmt: skip
+          f"(G={cfg.sampling.group_size}, {cfg.sampling.prompts_per_iter} prompts): {iteration:.3f} s; "
+          f"one SD3.5-M sampling step of 24 images (estimated): {a.sd3_step_seconds:.2f} s")  # fmt: skip
     plot_bonus_cost(os.path.join(cfg.output_dir, "bonus_cost.png"), rows)
     return dict(experiment="bonus_cost", table=rows, growth_exponent=slopes, toy_iteration_seconds=iteration,
                 sd3_step_seconds_estimate=a.sd3_step_seconds)  # fmt: skip
