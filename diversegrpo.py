@@ -1531,6 +1531,8 @@ def train_variants(cfg, variants, log):
 
             histories[label].append(train(variant, backbone, method, run_log, name=f"{label}-seed{seed}"))
             if isinstance(backbone, ToyBackbone) and label not in final_samples:
+                # The plots need samples, which train()'s JSON history does not keep. Re-evaluating gives the same
+                # samples as its last evaluation (fixed noises) and costs the toy about 0.1 s.
                 final_samples[label] = evaluate(variant, backbone, return_samples=True)[1]
             del backbone  # free the GPU before the next variant loads its own copy of the models
             if torch.cuda.is_available():
@@ -1611,7 +1613,7 @@ def compare_methods(cfg, log):
     if all(row[cfg.methods[0]] is None for row in rows):
         print("(no reward level above the base model's is reached by every run: train longer to compare)")
     if cfg.backbone == "toy":
-        base_samples = evaluate(cfg, build_backbone(cfg), return_samples=True)[1]
+        base_samples = evaluate(cfg, build_backbone(cfg), return_samples=True)[1]  # the cached base, seed cfg.seed
         plot_toy(os.path.join(cfg.output_dir, "toy.png"), base_samples, final_samples, histories)
     final = {m: [h[-1] for h in hs] for m, hs in histories.items()}
     return dict(experiment="compare", seeds=cfg.analysis.seeds or [cfg.seed], methods=cfg.methods, table=rows,
