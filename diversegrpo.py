@@ -12,7 +12,9 @@ better ones. Late in training every image of a prompt looks the same (mode colla
 
 Run     python diversegrpo.py --config configs.yaml                 (a 2-D toy, CPU, about half a minute)
         python diversegrpo.py --config configs.yaml --preset sd3_pickscore
+        torchrun --nproc_per_node N diversegrpo.py --config configs.yaml --preset sd3_pickscore
 Test    python -m pytest -q test_diversegrpo.py
+The paper's analyses (ablation, sweeps, branching, choice of k, cost of the bonus) live in analyses/.
 
 Conventions (used everywhere below)
   * Rectified flow: x_t = (1 - t) * x_0 + t * eps. t = sigma = 1 is pure noise, t = 0 is data; velocity v = eps - x_0.
@@ -26,8 +28,8 @@ Conventions (used everywhere below)
 
 import argparse
 import contextlib
-import copy
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -35,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -42,36 +45,36 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from tqdm import tqdm
 
-# ---- 1. Config: one dataclass tree, filled from a named preset in configs.yaml ----
+# ---- 1. Config: documented dataclasses, filled from a named preset of configs.yaml (loader in section 11) ----
 
 
 @dataclass
 class SamplingConfig:
-    num_steps: int = 10  # T, SDE steps of a training rollout
-    eval_num_steps: int = 20  # ODE steps at evaluation
-    noise_level: float = 0.7  # a in the SDE's sd = a * sqrt(sigma / (1 - sigma))
-    shift: float = 1.0  # timestep shift of the flow-matching schedule
-    group_size: int = 24  # G, samples per prompt
-    prompts_per_iter: int = 2  # P, prompts per iteration
+    num_steps: int = 10  # T, SDE steps of a training rollout (paper: 10 on SD3.5-M, 6 on FLUX)
+    eval_num_steps: int = 20  # ODE steps at evaluation (paper: 40 on SD3.5-M, 28 on FLUX)
+    noise_level: float = 0.7  # a in the SDE's sd = a * sqrt(sigma / (1 - sigma)) (paper: 0.7 SD3, 0.9 FLUX)
+    shift: float = 1.0  # timestep shift of the flow-matching schedule (SD3: 3)
+    group_size: int = 24  # G, samples per prompt (paper: 24)
+    prompts_per_iter: int = 2  # P, prompts per iteration on each process
     eval_samples: int = 256  # ODE samples per held-out prompt at evaluation
 
 
 @dataclass
 class TrainConfig:
     iterations: int = 400  # sample -> update rounds per method
-    lr: float = 2e-3  # AdamW learning rate of the LoRA weights
+    lr: float = 2e-3  # AdamW learning rate of the LoRA weights (paper: 3e-4)
     weight_decay: float = 1e-4
-    clip_range: float = 1e-4  # PPO ratio clip
+    clip_range: float = 1e-4  # PPO ratio clip (paper: 1e-4)
     adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
     max_grad_norm: float = 1.0
-    kl_beta: float = 0.0  # weight of the Flow-GRPO KL, used by the methods that turn the KL on
-    lora_rank: int = 8
-    lora_alpha: int = 16
+    kl_beta: float = 0.0  # weight of Flow-GRPO's KL, for the methods that turn the KL on
+    lora_rank: int = 8  # paper: 32
+    lora_alpha: int = 16  # paper: 64
     eval_every: int = 20  # evaluate every this many iterations
     micro_batch: int = 0  # samples per forward in sampling, decoding and training; 0 = the whole batch
     save_every: int = 0  # write a checkpoint every this many iterations (and at the end); 0 = never
@@ -82,7 +85,7 @@ class TrainConfig:
 class DiverseConfig:
     beta: float = 0.1  # weight of the creativity bonus in R = Q + beta * E
     n_clusters: int | str = "auto"  # k of the spectral clustering, or "auto" (eigengap)
-    sigma: float | None = 0.3  # affinity bandwidth; None = median off-diagonal distance
+    sigma: float | None = None  # a fixed affinity bandwidth; None = local scaling, for every preset (creativity_bonus)
     K: int = 4  # the regularizer acts on steps i < K
     lambda_w: float = 10.0  # weight of the squared-W2 regularizer
     max_clusters: int = 32  # n_clusters "auto" picks k <= min(max_clusters, G - 1)
@@ -116,7 +119,7 @@ class ModelConfig:
 
 
 @dataclass
-class AnalysisConfig:
+class AnalysisConfig:  # read by analyses/paper_analyses.py only
     seeds: list = field(default_factory=list)  # train on each of these seeds; empty = [seed]
     betas: list = field(default_factory=lambda: [0.07, 0.7, 3.0, 5.0])  # sweep: bonus weights (the paper's)
     Ks: list = field(default_factory=lambda: [1, 2, 4, 6])  # sweep: regularized steps (the paper's)
@@ -129,22 +132,30 @@ class AnalysisConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # also write TensorBoard events to output_dir/tensorboard (needs the tensorboard package)
+
+
+@dataclass
 class Config:
-    experiment: str = "compare"  # compare | sweep | adaptive_k | branching | bonus_cost
+    experiment: str = "compare"  # compare (this file) | ablation, sweep, adaptive_k, branching, bonus_cost (analyses/)
     backbone: str = "toy"  # toy | sd3 | flux
-    seed: int = 0
-    device: str = "cpu"
+    seed: int = 0  # seeds the base model, the LoRA, every sampler noise and the clustering
+    device: str = "cpu"  # torch device; under torchrun, cuda means each process's own GPU
     dtype: str = "float32"  # compute dtype of the backbone; the SDE arithmetic is always float32
     output_dir: str = "runs/toy"
     resume: bool = False  # continue from the newest checkpoints in output_dir
-    methods: list = field(default_factory=lambda: ["grpo", "diversegrpo"])
+    methods: list = field(default_factory=lambda: ["grpo", "diversegrpo"])  # the first is the table's baseline
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     diverse: DiverseConfig = field(default_factory=DiverseConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
+
+EXPERIMENTS = ("compare", "ablation", "sweep", "adaptive_k", "branching", "bonus_cost")  # all but compare: analyses/
 
 # Which terms each method switches on. Their strengths come from the config, so every method shares one set of
 # hyperparameters and differs only in what it adds to plain GRPO.
@@ -155,234 +166,6 @@ METHODS = {
     "reg_only": dict(bonus=False, w2=True, kl=False),
     "diversegrpo": dict(bonus=True, w2=True, kl=False),
 }
-
-
-class ConfigError(ValueError):
-    """A bad config; main() prints it as one line and exits with status 2."""
-
-
-def _check_type(name, value, annotation):
-    """Return value converted to annotation's type, or raise ConfigError naming the key."""
-    if annotation == float | None:
-        return None if value is None else _check_type(name, value, float)
-    if annotation == int | str:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{name}: expected an integer or 'auto', got {value!r}")
-        return value
-    if annotation is float:
-        # PyYAML reads 1e-3 (no dot) as a string, so a numeric string is accepted for a float key.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if annotation is bool and not isinstance(value, bool):
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if annotation is str and not isinstance(value, str):
-        raise ConfigError(f"{name}: expected a string, got {value!r}")
-    if annotation is list and not isinstance(value, list):
-        raise ConfigError(f"{name}: expected a list, got {value!r}")
-    return value
-
-
-def _fill(node, values, prefix=""):
-    """Write a nested dict of values into a dataclass tree; an unknown key or a wrong type is a ConfigError."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'preset'}: expected a mapping, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(node)}
-    for key, value in values.items():
-        name = prefix + str(key)
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{name}'")
-        current = getattr(node, key)
-        if dataclasses.is_dataclass(current):
-            _fill(current, value, name + ".")
-        else:
-            setattr(node, key, _check_type(name, value, fields[key].type))
-
-
-def _parse_override(text, cfg):
-    """'train.lr=1e-3' -> {'train': {'lr': '1e-3'}}, a tree for _fill, which then types the value like its key."""
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got '{text}'")
-    key, raw = text.split("=", 1)
-    node, parts = cfg, key.split(".")
-    for i, part in enumerate(parts):
-        fields = {f.name: f.type for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        if part not in fields:
-            raise ConfigError(f"unknown config key '{key}'")
-        annotation = fields[part]
-        if i < len(parts) - 1:
-            node = getattr(node, part)
-    # A plain string key takes the text as it is (so "output_dir=123" stays a path); others are parsed as YAML.
-    value = raw if annotation is str else yaml.safe_load(raw)
-    tree = value
-    for part in reversed(parts):
-        tree = {part: tree}
-    return tree
-
-
-def validate(cfg):
-    """Reject impossible values and combinations with one line that names the key."""
-    s, t, d, m, a = cfg.sampling, cfg.train, cfg.diverse, cfg.model, cfg.analysis
-    experiments = ("compare", "sweep", "adaptive_k", "branching", "bonus_cost")
-    checks = [  # (what must hold, the error if it does not)
-        (
-            cfg.experiment in experiments,
-            f"experiment: expected one of {', '.join(experiments)}, got '{cfg.experiment}'",
-        ),
-        (cfg.backbone in ("toy", "sd3", "flux"), f"backbone: expected toy, sd3 or flux, got '{cfg.backbone}'"),
-        (cfg.dtype in ("float32", "bfloat16"), f"dtype: expected float32 or bfloat16, got '{cfg.dtype}'"),
-        (cfg.output_dir != "", "output_dir: must not be empty"),
-        (len(cfg.methods) > 0, "methods: the list is empty"),
-        (
-            all(x in METHODS for x in cfg.methods),
-            f"methods: {cfg.methods} has an unknown method (known: {', '.join(METHODS)})",
-        ),
-        (len(set(cfg.methods)) == len(cfg.methods), f"methods: {cfg.methods} names a method twice"),
-        ("grpo_kl" not in cfg.methods or t.kl_beta > 0, "train.kl_beta: the grpo_kl method needs a positive KL weight"),
-        (
-            all(type(x) is int for x in cfg.analysis.seeds),
-            f"analysis.seeds: expected integers, got {cfg.analysis.seeds}",
-        ),
-        (s.group_size >= 2, f"sampling.group_size: must be at least 2, got {s.group_size}"),
-        (
-            s.num_steps >= 2,
-            f"sampling.num_steps: must be at least 2 (the last step is never trained), got {s.num_steps}",
-        ),
-        (s.eval_num_steps >= 1, f"sampling.eval_num_steps: must be at least 1, got {s.eval_num_steps}"),
-        (s.eval_samples >= 2, f"sampling.eval_samples: diversity needs at least 2, got {s.eval_samples}"),
-        (s.prompts_per_iter >= 1, f"sampling.prompts_per_iter: must be at least 1, got {s.prompts_per_iter}"),
-        (
-            0 < s.noise_level < 2,
-            f"sampling.noise_level: must be in (0, 2) to train (0 is the ODE), got {s.noise_level}",
-        ),
-        (s.shift > 0, f"sampling.shift: must be positive, got {s.shift}"),
-        (t.lr > 0, f"train.lr: must be positive, got {t.lr}"),
-        (t.iterations >= 1 and t.eval_every >= 1, "train.iterations and train.eval_every: must be at least 1"),
-        (min(t.clip_range, t.adv_clip, t.max_grad_norm) > 0, "train.clip_range, adv_clip, max_grad_norm: must be > 0"),
-        (
-            min(t.kl_beta, d.beta, d.lambda_w) >= 0,
-            "train.kl_beta, diverse.beta, diverse.lambda_w: must not be negative",
-        ),
-        (t.lora_rank >= 1 and t.lora_alpha > 0, "train.lora_rank and train.lora_alpha: must be positive"),
-        (min(t.micro_batch, t.save_every) >= 0, "train.micro_batch and train.save_every: must not be negative"),
-        (t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be at least 1, got {t.keep_checkpoints}"),
-        (0 <= d.K <= s.num_steps - 1, f"diverse.K: must be in [0, {s.num_steps - 1}], the trained steps, got {d.K}"),
-        (
-            d.n_clusters == "auto" or type(d.n_clusters) is int,
-            f"diverse.n_clusters: expected an integer or 'auto', got '{d.n_clusters}'",
-        ),
-        (
-            type(d.n_clusters) is not int or 1 <= d.n_clusters < s.group_size,
-            f"diverse.n_clusters: must be at least 1 and below sampling.group_size={s.group_size}, got {d.n_clusters}",
-        ),
-        (d.sigma is None or d.sigma > 0, f"diverse.sigma: must be positive or null, got {d.sigma}"),
-        (d.max_clusters >= 1, f"diverse.max_clusters: must be at least 1, got {d.max_clusters}"),
-        (
-            min(cfg.toy.hidden, cfg.toy.pretrain_iters, cfg.toy.pretrain_batch) >= 1,
-            "toy.hidden, toy.pretrain_iters, toy.pretrain_batch: must be at least 1",
-        ),
-        (
-            min(cfg.toy.reward_width, cfg.toy.mode_std, cfg.toy.pretrain_lr) > 0,
-            "toy.reward_width, toy.mode_std, toy.pretrain_lr: must be positive",
-        ),
-        # The analysis lists are checked for the experiment that uses them.
-        (
-            cfg.experiment != "sweep" or all(type(b) in (int, float) and b >= 0 for b in a.betas),
-            f"analysis.betas: expected numbers >= 0, got {a.betas}",
-        ),
-        (
-            cfg.experiment != "sweep" or all(type(k) is int and 0 <= k < s.num_steps for k in a.Ks),
-            f"analysis.Ks: expected integers in [0, {s.num_steps - 1}], got {a.Ks}",
-        ),
-        (
-            cfg.experiment != "adaptive_k"
-            or all(k == "auto" or (type(k) is int and 1 <= k < s.group_size) for k in a.n_clusters),
-            f"analysis.n_clusters: expected auto or integers below sampling.group_size, got {a.n_clusters}",
-        ),
-        (
-            cfg.experiment != "bonus_cost"
-            or (len(a.group_sizes) >= 2 and all(type(n) is int and n >= 3 for n in a.group_sizes)),
-            f"analysis.group_sizes: expected two or more integers >= 3, got {a.group_sizes}",
-        ),
-        (min(a.trunks, a.stability_groups, a.repeats) >= 1, "analysis.trunks, stability_groups, repeats: must be >= 1"),
-        (
-            all(len(set(map(str, v))) == len(v) for v in (a.seeds, a.betas, a.Ks, a.n_clusters)),
-            "analysis: a seed, beta, K or n_clusters is listed twice",
-        ),
-        (cfg.experiment != "bonus_cost" or cfg.backbone == "toy", "experiment: bonus_cost runs on the toy backbone"),
-    ]
-    if cfg.backbone == "toy":
-        checks += [
-            (cfg.device == "cpu" and cfg.dtype == "float32", "device and dtype: the toy runs on the CPU in float32"),
-            (
-                s.prompts_per_iter <= len(TOY_PROMPTS),
-                f"sampling.prompts_per_iter: the toy has {len(TOY_PROMPTS)} prompts",
-            ),
-        ]
-    else:
-        checks += [
-            (m.pretrained != "", f"model.pretrained: a {cfg.backbone} preset needs a hub name or a local folder"),
-            (m.reward in ("pickscore", "hpsv3"), f"model.reward: expected pickscore or hpsv3, got '{m.reward}'"),
-            (
-                m.resolution > 0 and m.resolution % 16 == 0,
-                f"model.resolution: must be a multiple of 16, got {m.resolution}",
-            ),
-            (bool(m.prompts or m.prompts_file), "model.prompts: give a list, or model.prompts_file"),
-            (
-                bool(m.eval_prompts or m.eval_prompts_file),
-                "model.eval_prompts: give a list, or model.eval_prompts_file",
-            ),
-        ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    for key in ("prompts_file", "eval_prompts_file"):
-        path = getattr(m, key)
-        if path and not os.path.isfile(path):
-            raise ConfigError(f"model.{key}: file not found: {path}")
-        if path and not read_prompts(path):
-            raise ConfigError(f"model.{key}: no prompts in {path}")
-    if cfg.backbone != "toy":
-        n_prompts = len(read_prompts(m.prompts_file) if m.prompts_file else m.prompts)
-        if s.prompts_per_iter > n_prompts:
-            raise ConfigError(f"sampling.prompts_per_iter: only {n_prompts} training prompts, got {s.prompts_per_iter}")
-        if m.reward == "hpsv3" and importlib.util.find_spec("hpsv3") is None:  # fail now, not after loading SD3
-            raise ConfigError("model.reward: hpsv3 needs the hpsv3 package (pip install hpsv3; see README)")
-
-
-def read_prompts(path):
-    """One prompt per line; blank lines are skipped."""
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def load_config(path, preset="toy", overrides=()):
-    """Read a preset (a top-level section) of a YAML file over the dataclass defaults, then apply --set overrides."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        with open(path) as f:
-            presets = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(presets, dict) or preset not in presets:
-        names = ", ".join(presets) if isinstance(presets, dict) else "none"
-        raise ConfigError(f"unknown preset '{preset}' in {path} (presets: {names})")
-    cfg = Config()
-    _fill(cfg, presets[preset] or {})
-    for text in overrides:
-        _fill(cfg, _parse_override(text, cfg))
-    validate(cfg)
-    return cfg
 
 
 # ---- 2. SDE sampling with log-probs (Flow-GRPO sec 4.1) ----
@@ -408,11 +191,6 @@ def _per_sample(value, like):
     """A float or a (B,) tensor -> a float32 tensor that broadcasts against `like` (B, ...)."""
     value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
     return value.reshape(-1, *([1] * (like.dim() - 1))) if value.dim() == 1 else value
-
-
-def _mean_per_sample(x):
-    """(B, ...) -> (B,): the mean over every non-batch element."""
-    return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
 def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
@@ -444,8 +222,7 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
         # Drawn on the generator's device (the CPU in this project) and moved: the same seed, the same noise anywhere.
         noise_device = generator.device if generator is not None else sample.device
         noise = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=torch.float32)
-        noise = noise.to(sample.device)
-        prev_sample = prev_sample_mean + std_dev * noise
+        prev_sample = prev_sample_mean + std_dev * noise.to(sample.device)
     prev_sample = prev_sample.detach().float()
     if noise_level == 0:
         return prev_sample, torch.zeros(sample.shape[0], device=sample.device), prev_sample_mean, std_dev
@@ -454,10 +231,10 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
         - torch.log(std_dev)
         - math.log(math.sqrt(2 * math.pi))
     )
-    return prev_sample, _mean_per_sample(log_density), prev_sample_mean, std_dev
+    return prev_sample, log_density.flatten(1).mean(1), prev_sample_mean, std_dev  # (B, ...) -> (B,)
 
 
-# ---- 3. GRPO: group advantages, clipped surrogate, and Flow-GRPO's KL ----
+# ---- 3. The losses: GRPO's advantages, clipped surrogate and KL; DiverseGRPO's first-K W2; one step's loss ----
 
 
 def group_advantages(rewards, eps=1e-4, clip=5.0):
@@ -491,11 +268,40 @@ def kl_reg(prev_sample_mean, ref_prev_sample_mean, std_dev):
     here, which varies by step (SD3, 10 steps: -dt from .04 to .27). No gradient reaches the reference.
     """
     diff = prev_sample_mean - ref_prev_sample_mean.detach()
-    std_dev = _per_sample(std_dev, diff)
-    return _mean_per_sample(diff**2 / (2 * std_dev**2))
+    return (diff**2 / (2 * _per_sample(std_dev, diff) ** 2)).flatten(1).mean(1)  # (B, ...) -> (B,)
 
 
-# ---- 4. DiverseGRPO: creativity bonus and structure-aware regularizer (paper sec 3.2-3.3) ----
+def structure_aware_reg(prev_sample_mean, ref_prev_sample_mean, step_index, K):
+    """The structure-aware regularizer (paper sec 3.3) for one step, per sample -> (B,).
+
+    For step_index < K: ||mu - mu_ref||^2 / 2 averaged per element, the squared 2-Wasserstein distance between two
+    Gaussians of equal covariance, halved. From step K on: zero, leaving the late, detail-forming steps free.
+    Averaging per element (like the log-prob) is this project's choice; the paper does not say. No gradient
+    reaches the reference.
+    """
+    diff = prev_sample_mean - ref_prev_sample_mean.detach()
+    if step_index >= K:
+        return torch.zeros(diff.shape[0], device=diff.device)
+    return (diff**2 / 2).flatten(1).mean(1)  # (B, ...) -> (B,)
+
+
+def step_loss(log_prob, old_log_prob, adv, clip_range, mean=None, ref_mean=None, std_dev=None, step_index=0, K=0,
+              lambda_w=0.0, kl_beta=0.0):  # fmt: skip
+    """The whole loss of one denoising step i: clipped surrogate + lambda_w * W2 (only if i < K) + kl_beta * KL.
+
+    mean, ref_mean are the policy's and the reference's transition means (B, ...) from the same x; without a
+    reference (plain GRPO) only the surrogate counts. Returns (surrogate, regularizer), scalars.
+    """
+    surrogate = grpo_loss(log_prob, old_log_prob, adv, clip_range)
+    reg = torch.zeros((), device=log_prob.device)
+    if ref_mean is not None and lambda_w:
+        reg = reg + lambda_w * structure_aware_reg(mean, ref_mean, step_index, K).mean()
+    if ref_mean is not None and kl_beta:
+        reg = reg + kl_beta * kl_reg(mean, ref_mean, std_dev).mean()
+    return surrogate, reg
+
+
+# ---- 4. DiverseGRPO's creativity bonus: spectral clustering of each group (paper sec 3.2) ----
 
 
 def pairwise_distances(features, metric="euclidean"):
@@ -558,26 +364,33 @@ def eigengap_n_clusters(affinity, max_clusters, eigen_solver="dense"):
 def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0, max_clusters=32, eigen_solver="auto"):
     """The distributional creativity bonus of one prompt's group (paper sec 3.2): (N, N) -> (bonus (N,), labels (N,)).
 
-        affinity A_ij = exp(-D_ij^2 / (2 sigma^2)),   sigma = median off-diagonal distance unless given
+        affinity A_ij = exp(-D_ij^2 / (s_i s_j)), s_i = distance from sample i to its (N // 4)-th nearest neighbour
+                        (local scaling, Zelnik-Manor & Perona 2004); with a fixed sigma, exp(-D_ij^2 / (2 sigma^2))
         labels        = spectral clustering of A into k clusters (k fixed, or "auto": eigengap, k <= N - 1)
         bonus E_i     = sqrt(N / n_k),  n_k = size of the cluster holding sample i
 
-    A lone sample earns sqrt(N); a single cluster gives 1 to everyone. Degenerate groups (identical samples,
-    N <= k, a disconnected graph) do not crash: they fall back to fewer clusters. "auto" searches k up to
-    min(max_clusters, N - 1); its eigen_solver "auto" switches from dense to arpack above N = 256 (see bonus_cost).
+    Why local scaling (the paper does not say how it sets the bandwidth): one bandwidth for the whole group, such as
+    its median distance, is a between-mode distance as soon as no mode owns most of the group; every pair then looks
+    alike, the eigengap finds k = 1 and the bonus is the same for everyone. Each sample's own neighbourhood sets its
+    scale instead, in any geometry (DreamSim's cosine, the toy's Euclidean) and at any distance scale. The N // 4-th
+    neighbour lies inside the commonest mode whenever it holds a quarter of the group, and is far enough out that a
+    lone mode is rarely cut into pieces (README, "How the bonus finds modes", has the measurements).
+    A lone sample earns sqrt(N); a single cluster gives 1 to everyone. Degenerate groups (identical samples, N <= k,
+    a disconnected graph) fall back to fewer clusters. "auto" searches k up to min(max_clusters, N - 1); its
+    eigen_solver "auto" switches from dense to arpack above N = 256.
     """
     from sklearn.cluster import SpectralClustering
 
     distances = distances.detach().double().cpu().numpy()
     n = distances.shape[0]
-    if n < 3:  # too few to split into clusters of unequal size: one cluster, bonus 1 everywhere
+    if n < 3 or distances.max() <= 1e-6:  # too few to split unequally, or identical up to float noise: one cluster
         return torch.ones(n), torch.zeros(n, dtype=torch.long)
-    off_diagonal = distances[~np.eye(n, dtype=bool)]
-    sigma = float(np.median(off_diagonal)) if sigma is None else sigma
-    if sigma <= 0 or off_diagonal.max() <= 1e-6:
-        # Identical samples, up to float noise (which a fixed k would otherwise split into clusters): one cluster.
-        return torch.ones(n), torch.zeros(n, dtype=torch.long)
-    affinity = np.exp(-(distances**2) / (2 * sigma**2))
+    if sigma is None:
+        scale = np.sort(distances, axis=1)[:, max(n // 4, 1)]  # (N,): column 0 is each sample itself
+        scale = np.maximum(scale, 1e-6 * distances.max())  # duplicates must not divide by zero
+        affinity = np.exp(-(distances**2) / np.outer(scale, scale))
+    else:
+        affinity = np.exp(-(distances**2) / (2 * sigma**2))
     if n_clusters == "auto":
         solver = eigen_solver if eigen_solver != "auto" else ("arpack" if n > 256 else "dense")
         k = eigengap_n_clusters(affinity, min(max_clusters, n - 1), solver)
@@ -588,28 +401,258 @@ def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0, max_clust
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns on a disconnected graph; clustering it is still well defined
         # 3 k-means restarts instead of sklearn's 10: on groups this small they find the same labels, many times faster.
-        clustering = SpectralClustering(n_clusters=k, affinity="precomputed", n_init=3, random_state=seed)
-        labels = clustering.fit_predict(affinity)
+        labels = SpectralClustering(n_clusters=k, affinity="precomputed", n_init=3, random_state=seed).fit_predict(
+            affinity
+        )
     labels = torch.as_tensor(labels, dtype=torch.long)
     cluster_sizes = torch.bincount(labels)[labels].double()  # (N,): n_k of each sample's cluster
     return torch.sqrt(n / cluster_sizes).float(), labels
 
 
-def structure_aware_reg(prev_sample_mean, ref_prev_sample_mean, step_index, K):
-    """The structure-aware regularizer (paper sec 3.3) for one step, per sample -> (B,).
+# ---- 5. Rollout: sample a group with the SDE, keeping every step's latents and log-probs ----
 
-    For step_index < K: ||mu - mu_ref||^2 / 2 averaged per element, the squared 2-Wasserstein distance between two
-    Gaussians of equal covariance, halved. From step K on: zero, leaving the late, detail-forming steps free.
-    Averaging per element (like the log-prob) is this project's choice; the paper does not say. No gradient
-    reaches the reference.
+
+def rollout(backbone, cond, noise, sigmas, noise_level, generator=None):
+    """Run the sampler from sigma = 1 to 0. Returns latents (B, T+1, ...) and log_probs (B, T).
+
+    noise_level > 0 is the training SDE; noise_level = 0 is the ODE used for evaluation (log_probs are then zeros).
+    The last step is always deterministic: it is never trained, and with few steps its noise would be large (FLUX's
+    6-step schedule ends .27 -> 0, a std of .29 on the image the reward sees).
     """
-    diff = prev_sample_mean - ref_prev_sample_mean.detach()
-    if step_index >= K:
-        return torch.zeros(diff.shape[0], device=diff.device)
-    return _mean_per_sample(diff**2 / 2)
+    x = noise
+    T = len(sigmas) - 1
+    latents, log_probs = [x], []
+    for i in range(T):
+        velocity = backbone.velocity(x, sigmas[i], cond)
+        level = noise_level if i < T - 1 else 0.0
+        x, log_prob, _, _ = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], level, generator=generator)
+        latents.append(x)
+        log_probs.append(log_prob)
+    return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)  # T+1 x (B, ...) -> (B, T+1, ...); (B, T)
 
 
-# ---- 5. Backbones: the toy 2-D flow model (SD3 and FLUX follow in section 6) ----
+def _select(cond, index):
+    """The rows `index` of every tensor of a condition tuple."""
+    return tuple(c[index] for c in cond)
+
+
+@torch.no_grad()
+def sample_batch(backbone, cond, noise, sigmas, noise_level, chunks, generator=None):
+    """rollout() and decode() in micro-batches (chunks of row indices): latents (B, T+1, ...), log_probs, samples."""
+    parts = [rollout(backbone, _select(cond, c), noise[c], sigmas, noise_level, generator) for c in chunks]
+    latents = torch.cat([p[0] for p in parts])  # chunks x (b, T+1, ...) -> (B, T+1, ...)
+    samples = torch.cat([backbone.decode(latents[c, -1]) for c in chunks])
+    return latents, torch.cat([p[1] for p in parts]), samples
+
+
+def iteration_generator(*keys):
+    """A CPU generator seeded from (seed, iteration, ...): a resumed or a distributed run draws the same numbers."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+# ---- 6. The training loop: sample -> reward -> bonus -> advantages -> per-step update -> log ----
+
+
+def rank_and_world():
+    """(this process's rank, number of processes): (0, 1) unless launched by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def group_bonus(features, P, G, diverse, metric, seed):
+    """The creativity bonus of each of P groups of G samples: bonus (P*G,), clusters found per group (P,).
+
+    Rows whose features are not finite are left out of their group's clustering (their bonus stays 1).
+    """
+    bonus, n_found = torch.ones(P * G), []
+    for p in range(P):
+        rows = torch.arange(p * G, (p + 1) * G)
+        rows = rows[torch.isfinite(features[rows]).all(dim=1)]  # the kept rows of group p
+        distances = pairwise_distances(features[rows], metric)
+        bonus[rows], labels = creativity_bonus(distances, diverse.n_clusters, diverse.sigma, seed, diverse.max_clusters)
+        n_found.append(int(labels.max()) + 1 if len(labels) else 0)
+    return bonus, n_found
+
+
+def fill_dropped(rewards, dropped, P, G):
+    """Stand a dropped (non-finite) reward at its group's mean, so it moves neither the mean nor the std much."""
+    grouped = rewards.masked_fill(dropped, float("nan")).reshape(P, G)  # (B,) -> (P, G)
+    group_mean = grouped.nanmean(dim=1, keepdim=True).nan_to_num(0.0)  # (P, 1); 0 if the whole group is dropped
+    return torch.where(grouped.isnan(), group_mean, grouped)  # (P, G)
+
+
+def policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigmas, chunks):
+    """Back-propagate step_loss for every trained step and micro-batch; returns the mean loss, reg and ratio.
+
+    Each backward frees its graph, so only one forward's graph is alive at a time. Each piece is weighted by its
+    share of the batch and of the trained steps; the last step's std is ~0, so it is never trained.
+    """
+    T, B, diverse = len(sigmas) - 1, len(adv), cfg.diverse
+    stats = dict(loss=0.0, reg=0.0, ratio=0.0)
+    for i in range(T - 1):
+        for c in chunks:
+            x, x_next, c_cond = latents[c, i], latents[c, i + 1], _select(cond, c)
+            velocity = backbone.velocity(x, sigmas[i], c_cond)
+            _, log_prob, mean, std_dev = sde_step_with_logprob(
+                velocity, x, sigmas[i], sigmas[i + 1], cfg.sampling.noise_level, prev_sample=x_next
+            )
+            ref_mean = None
+            if (terms["w2"] and i < diverse.K) or terms["kl"]:
+                with torch.no_grad(), adapters_disabled(backbone.model):  # the reference: the LoRA switched off
+                    ref_velocity = backbone.velocity(x, sigmas[i], c_cond)
+                ref_mean = sde_step_with_logprob(
+                    ref_velocity, x, sigmas[i], sigmas[i + 1], cfg.sampling.noise_level, prev_sample=x_next
+                )[2]
+            lambda_w, kl_beta = diverse.lambda_w * terms["w2"], cfg.train.kl_beta * terms["kl"]
+            loss, reg = step_loss(log_prob, old_log_probs[c, i], adv[c], cfg.train.clip_range, mean, ref_mean,
+                                  std_dev, i, diverse.K, lambda_w, kl_beta)  # fmt: skip
+            weight = len(c) / B / (T - 1)
+            ((loss + reg) * weight).backward()
+            stats["loss"] += loss.item() * weight
+            stats["reg"] += reg.item() * weight
+            stats["ratio"] += torch.exp(log_prob - old_log_probs[c, i]).mean().item() * weight
+    return stats
+
+
+def optimizer_step(optimizer, params, max_grad_norm, loss):
+    """Average the gradients over processes, clip, and step; returns the gradient norm, NaN if the step was skipped.
+
+    A non-finite loss or gradient skips the step: one bad batch must not write NaN into the weights.
+    """
+    if dist.is_initialized():  # one all-reduce per parameter and iteration: the LoRA is small (see README)
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    if not (math.isfinite(grad_norm) and math.isfinite(loss)):
+        return float("nan")
+    optimizer.step()
+    return grad_norm
+
+
+def new_period():
+    return dict(skipped=[], dropped=0, clusters=[])
+
+
+def summarize_period(period):
+    """The counts since the last metrics line: skipped updates, dropped rewards, and what the clustering found."""
+    counts = dict(skipped_updates=sum(period["skipped"]), dropped_rewards=period["dropped"])
+    if period["clusters"]:  # with the bonus: the mean k found, and the share of groups with k = 1 (an inert bonus)
+        clusters = np.array(period["clusters"])
+        counts.update(clusters=float(clusters.mean()), k1_share=float((clusters <= 1).mean()))
+    return counts
+
+
+def average_over_processes(record):
+    """The mean of every number of a metrics record over the torchrun processes (a no-op in one process)."""
+    if not dist.is_initialized():
+        return record
+    keys = [k for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"]
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {**record, **{k: v / dist.get_world_size() for k, v in zip(keys, values.tolist(), strict=True)}}
+
+
+def bonus_was_constant(history, last=3):
+    """Did the clustering find one cluster (bonus E = 1 for all) in most groups of each of the last evaluations?"""
+    shares = [h.get("k1_share", 0.0) for h in history[-last:]]
+    return len(shares) == last and min(shares) > 0.5
+
+
+def train(cfg, backbone, method, log=print, name=None):
+    """Fine-tune a fresh LoRA on `backbone` with one method of METHODS; returns its evaluation history (a list).
+
+    Each iteration takes one optimizer step, accumulated over every trained denoising step, so the first (and only)
+    update after sampling is exactly on-policy: ratio == 1 and the PPO clip never binds. Flow-GRPO splits a batch
+    into several optimizer steps; the clip range matters there. With cfg.resume it continues from the newest
+    checkpoint of this run; Ctrl-C or SIGTERM writes one for the last finished iteration before it stops. `name`
+    labels the run's checkpoints and images (default: the method). Under torchrun, each process trains on its own
+    prompts, and process 0 evaluates, logs and writes checkpoints.
+    """
+    name, terms, train_cfg = name or method, METHODS[method], cfg.train
+    P, G, T = cfg.sampling.prompts_per_iter, cfg.sampling.group_size, cfg.sampling.num_steps
+    B, rank = P * G, rank_and_world()[0]
+    chunks = torch.arange(B).split(train_cfg.micro_batch or B)  # micro-batches; clustering and advantages see all B
+    torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn from the global RNG
+    lora_params = add_lora(backbone.model, train_cfg.lora_rank, train_cfg.lora_alpha, backbone.lora_targets)
+    optimizer = torch.optim.AdamW(lora_params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    sigmas = backbone.sigmas(T)
+    history, done = start_or_resume(cfg, backbone, optimizer, name, method, log)
+    period, skipped_in_a_row = new_period(), 0  # counts since the last metrics line
+    bar = tqdm(range(done + 1, train_cfg.iterations + 1), desc=name, initial=done, total=train_cfg.iterations,
+               disable=None if rank == 0 else True)  # fmt: skip
+    try:
+        for iteration in bar:
+            start = time.time()
+            # 1. Sample P prompts (each process its own) and a group of G trajectories for each, with the SDE.
+            order = torch.randperm(len(backbone.prompts), generator=iteration_generator(cfg.seed, iteration))
+            prompts = [backbone.prompts[p] for p in order[rank * P : (rank + 1) * P] for _ in range(G)]  # (B,)
+            generator = iteration_generator(cfg.seed, iteration, rank)
+            cond = backbone.encode(prompts)
+            latents, old_log_probs, samples = sample_batch(
+                backbone, cond, backbone.noise(B, generator), sigmas, cfg.sampling.noise_level, chunks, generator
+            )
+            # 2. Quality reward, plus the creativity bonus computed within each prompt's group (paper sec 3.2).
+            quality = backbone.reward(samples, prompts)  # (B,)
+            bonus, dropped = torch.ones(B), ~torch.isfinite(quality)
+            if terms["bonus"]:
+                features = backbone.features(samples)  # (B, D)
+                dropped |= ~torch.isfinite(features).all(dim=1)
+                bonus, n_found = group_bonus(features, P, G, cfg.diverse, backbone.feature_metric, cfg.seed)
+                period["clusters"] += n_found
+            rewards = quality + cfg.diverse.beta * bonus if terms["bonus"] else quality
+            # 3. Group-normalized advantages, shared by every step of a trajectory (Flow-GRPO Eq. 4). A NaN or inf
+            #    reward (or image features) is dropped: it stands at its group's mean and gets A = 0.
+            if dropped.any():
+                names = sorted({prompts[i] for i in dropped.nonzero().flatten().tolist()})
+                message = f"dropped {int(dropped.sum())} non-finite reward(s) of {names}"
+                tqdm.write(f"warning: iteration {iteration}: {message}", file=sys.stderr)
+            adv = group_advantages(fill_dropped(rewards, dropped, P, G), clip=train_cfg.adv_clip).reshape(B)
+            adv = adv.masked_fill(dropped, 0.0).to(latents.device)  # (P, G) -> (B,)
+            # 4. One loss per trained step and micro-batch, then one optimizer step (skipped if not finite).
+            optimizer.zero_grad()
+            stats = policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigmas, chunks)
+            grad_norm = optimizer_step(optimizer, lora_params, train_cfg.max_grad_norm, stats["loss"] + stats["reg"])
+            if not math.isfinite(grad_norm):
+                tqdm.write(
+                    f"warning: iteration {iteration}: non-finite loss or gradient, update skipped", file=sys.stderr
+                )
+            period["skipped"].append(not math.isfinite(grad_norm))
+            skipped_in_a_row = 0 if math.isfinite(grad_norm) else skipped_in_a_row + 1
+            period["dropped"] += int(dropped.sum())
+            done = iteration
+            # 5. Log; evaluate with the ODE every eval_every iterations; checkpoint every save_every.
+            bar.set_postfix(reward=f"{quality.nanmean():.3f}", loss=f"{stats['loss']:.4f}")
+            if iteration % train_cfg.eval_every == 0 or iteration == train_cfg.iterations:
+                record = dict(iteration=iteration, method=method, train_reward=quality[~dropped].mean().item(),
+                              bonus=bonus.mean().item(), grad_norm=grad_norm, **stats, **summarize_period(period),
+                              iter_seconds=time.time() - start)  # fmt: skip
+                record = average_over_processes(record)
+                if backbone.device.type == "cuda":
+                    record["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                    torch.cuda.reset_peak_memory_stats()
+                if skipped_in_a_row >= max(train_cfg.eval_every, 3):  # nothing learned for a whole evaluation period
+                    path = save_checkpoint(cfg, backbone, optimizer, name, done, history)  # the weights are still good
+                    raise RunError(f"every update since iteration {iteration - skipped_in_a_row} had a non-finite "
+                                   f"loss or gradient (wrote {path}); try a lower train.lr")  # fmt: skip
+                if rank == 0:
+                    record.update(evaluate(cfg, backbone, image_path=_image_path(cfg, name, iteration)))
+                    history.append(record)
+                    log(record)
+                    if cfg.diverse.beta > 0 and bonus_was_constant(history) and not bonus_was_constant(history[:-1]):
+                        message = "the bonus was constant (one cluster) in most groups of the last 3 evaluations"
+                        tqdm.write(f"warning: {message}; it changes no advantage", file=sys.stderr)
+                period = new_period()
+            if train_cfg.save_every and (iteration % train_cfg.save_every == 0 or iteration == train_cfg.iterations):
+                save_checkpoint(cfg, backbone, optimizer, name, done, history)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main() turns it into this)
+        # The weights and the optimizer only change in optimizer.step(), so `done` describes them exactly.
+        path = save_checkpoint(cfg, backbone, optimizer, name, done, history)
+        tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
+        raise
+    return history
+
+
+# ---- 7. Backbones: the toy 2-D flow model (SD3 and FLUX follow in section 8) ----
 #
 # A backbone is a small object the loop calls:
 #   model                 the nn.Module carrying the LoRA adapters (the policy); adapters off = the reference
@@ -643,12 +686,14 @@ def adapters_disabled(model):
 def add_lora(model, rank, alpha, target_modules):
     """Inject fresh LoRA adapters (peft) into `model` in place and freeze everything else; returns the LoRA params.
 
-    peft initialises the LoRA B matrices to zero, so the policy starts exactly at the reference.
+    Gaussian A matrices, as Flow-GRPO initialises them, and zero B matrices, so the policy starts exactly at the
+    reference.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules), model)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights="gaussian")
+    inject_adapter_in_model(config, model)
     params = [p for name, p in model.named_parameters() if "lora_" in name]
     for p in params:
         # Trainable weights stay float32 even in a bf16 model (autocast handles the matmuls): in bf16, AdamW's
@@ -716,7 +761,7 @@ def pretrain_toy(cfg):
     model = ToyFlow(len(TOY_PROMPTS), cfg.toy.hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.toy.pretrain_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.toy.pretrain_iters)
-    for _ in tqdm(range(cfg.toy.pretrain_iters), desc="pretrain toy base", leave=False):
+    for _ in tqdm(range(cfg.toy.pretrain_iters), desc="pretrain toy base", leave=False, disable=None):
         prompt_ids = torch.randint(len(TOY_PROMPTS), (cfg.toy.pretrain_batch,), generator=generator)
         x0 = toy_data(prompt_ids, cfg.toy.mode_std, generator)
         eps = torch.randn(x0.shape, generator=generator)
@@ -740,13 +785,18 @@ class ToyBackbone:
         settings = json.dumps([cfg.seed, dataclasses.asdict(cfg.toy)], sort_keys=True)  # what the base depends on
         path = os.path.join(cfg.output_dir, f"toy_base_{hashlib.sha1(settings.encode()).hexdigest()[:10]}.pt")
         self.model = ToyFlow(len(TOY_PROMPTS), cfg.toy.hidden)
-        if os.path.exists(path):
-            self.model.load_state_dict(torch.load(path))
-        else:
+        try:
+            self.model.load_state_dict(torch.load(path, weights_only=True))
+        except Exception as e:  # missing, or truncated by a crash: (re)build it
+            if os.path.exists(path):
+                tqdm.write(
+                    f"warning: unreadable toy base cache {path} ({first_line(e)}); rebuilding it", file=sys.stderr
+                )
             self.model = pretrain_toy(cfg)
             os.makedirs(cfg.output_dir, exist_ok=True)
             torch.save(self.model.state_dict(), path + ".tmp")
             os.replace(path + ".tmp", path)
+        self.model.requires_grad_(False)  # the base is frozen; train() adds the LoRA
         self.lora_targets = ["fc1", "fc2", "fc3", "out"]
         self.device, self.shift = torch.device("cpu"), cfg.sampling.shift
 
@@ -786,15 +836,13 @@ class ToyBackbone:
         return int((torch.bincount(nearest, minlength=len(modes)) >= min_share * len(samples)).sum())
 
 
-# ---- 6. Backbones: SD3.5 and FLUX.1 through diffusers ----
+# ---- 8. Backbones: SD3.5 and FLUX.1 through diffusers ----
 
-# LoRA on both attention streams of the MMDiT blocks (paper, implementation details). peft skips the names a block
-# lacks: FLUX's single-stream blocks only have to_q, to_k and to_v.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-class SetupError(RuntimeError):
-    """Weights or packages that could not be loaded; main() prints it as one line and exits with status 1."""
+# LoRA on both attention streams of the MMDiT blocks (paper, implementation details), named as Flow-GRPO's trainers
+# name them. The "attn." prefix leaves out SD3.5-M's second self-attention (attn2, blocks 0-12), as Flow-GRPO does;
+# FLUX's single-stream blocks match attn.to_q/k/v, so both of its streams are kept. peft skips names a block lacks.
+LORA_TARGETS = [f"attn.{name}" for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                            "add_v_proj", "to_add_out")]  # fmt: skip
 
 
 def sd3_velocity(transformer, x, sigma, cond, guidance_scale):
@@ -876,7 +924,9 @@ class DiffusersBackbone:
 
     def __init__(self, cfg, transformer, vae, prompt_embeddings, reward_fn, embed_fn, prompts, eval_prompts):
         self.kind, self.cfg = cfg.backbone, cfg
-        self.model, self.vae = transformer, vae
+        # The base weights are frozen: only the LoRA trains, and no-grad-free analysis code builds no graph through
+        # them. The VAE decodes in float32, as in Flow-GRPO: the reward sees its pixels.
+        self.model, self.vae = transformer.requires_grad_(False), vae.to(torch.float32).requires_grad_(False)
         self.prompt_embeddings, self.reward_fn, self.embed_fn = prompt_embeddings, reward_fn, embed_fn
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.device = torch.device(cfg.device)
@@ -904,7 +954,13 @@ class DiffusersBackbone:
         return torch.randn(shape, generator=generator).to(self.device)
 
     def velocity(self, x, sigma, cond):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # Not cuDNN's fused attention: on an H200 its backward crashes in FLUX (illegal memory access; PyTorch issues
+        # #122695, #134001). The backward runs the kernel that the forward chose, so this scope covers both.
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
+        with autocast, sdpa_kernel(backends):
             if self.kind == "flux":
                 return flux_velocity(self.model, x, sigma, cond, self.cfg.model.guidance_scale)
             return sd3_velocity(self.model, x, sigma, cond, self.cfg.model.guidance_scale)
@@ -950,19 +1006,25 @@ def load_diffusers_backbone(cfg):
     try:
         pipe = pipeline_class.from_pretrained(cfg.model.pretrained, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise SetupError(
-            f"could not load the {cfg.backbone} weights '{cfg.model.pretrained}': {first_line(e)}"
-        ) from None
+        raise RunError(f"could not load the {cfg.backbone} weights '{cfg.model.pretrained}': {first_line(e)}") from None
     pipe.to(cfg.device)
     embeddings = {}
     with torch.no_grad():
-        for prompt in tqdm(sorted(set(prompts) | set(eval_prompts)), desc="encode prompts", leave=False):
+        for prompt in tqdm(sorted(set(prompts) | set(eval_prompts)), desc="encode prompts", leave=False, disable=None):
             if cfg.backbone == "flux":
-                embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=cfg.device)
+                # T5 at 128 tokens, as Flow-GRPO's FLUX trainer encodes them (diffusers' default is 512).
+                embeds, pooled, _ = pipe.encode_prompt(
+                    prompt, prompt_2=None, device=cfg.device, max_sequence_length=128
+                )
                 embeddings[prompt] = (embeds[0].cpu(), pooled[0].cpu())
             else:
                 embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                    prompt, prompt_2=None, prompt_3=None, device=cfg.device, do_classifier_free_guidance=True
+                    prompt,
+                    prompt_2=None,
+                    prompt_3=None,
+                    device=cfg.device,
+                    do_classifier_free_guidance=True,
+                    max_sequence_length=128,  # Flow-GRPO's T5 length; SD3 has no text mask, so padding counts
                 )
                 embeddings[prompt] = (embeds[0].cpu(), pooled[0].cpu(), negative[0].cpu(), negative_pooled[0].cpu())
     transformer, vae = pipe.transformer, pipe.vae
@@ -978,7 +1040,7 @@ def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
-# ---- 7. Rewards and the embedder of the creativity bonus ----
+# ---- 9. Rewards and the embedder of the creativity bonus ----
 
 
 def clip_pixels(images, size=224):
@@ -1020,7 +1082,7 @@ def load_reward(cfg):
         try:
             from hpsv3 import HPSv3RewardInferencer
         except ImportError:
-            raise SetupError("the hpsv3 reward needs the hpsv3 package: pip install hpsv3 (see README)") from None
+            raise RunError("the hpsv3 reward needs the hpsv3 package: pip install hpsv3 (see README)") from None
         inferencer = HPSv3RewardInferencer(device=cfg.device)
 
         def score(images, prompts):
@@ -1035,7 +1097,7 @@ def load_reward(cfg):
             tokenizer = AutoProcessor.from_pretrained(cfg.model.reward_processor).tokenizer
             model = AutoModel.from_pretrained(cfg.model.reward_model).eval().to(cfg.device)
         except (OSError, ValueError) as e:
-            raise SetupError(
+            raise RunError(
                 f"could not load the PickScore weights '{cfg.model.reward_model}': {first_line(e)}"
             ) from None
 
@@ -1063,7 +1125,7 @@ def load_dreamsim(cfg):
             dreamsim_type=cfg.model.dreamsim_type,
         )
     except Exception as e:  # dreamsim raises whatever its downloader raised
-        raise SetupError(f"could not load DreamSim '{cfg.model.dreamsim_type}': {first_line(e)}") from None
+        raise RunError(f"could not load DreamSim '{cfg.model.dreamsim_type}': {first_line(e)}") from None
 
     @torch.no_grad()
     def embed(images):
@@ -1073,240 +1135,7 @@ def load_dreamsim(cfg):
     return embed
 
 
-# ---- 8. Rollout: sample a group with the SDE, keeping every step's latents and log-probs ----
-
-
-def rollout(backbone, cond, noise, sigmas, noise_level, generator=None):
-    """Run the sampler from sigma = 1 to 0. Returns latents (B, T+1, ...) and log_probs (B, T).
-
-    noise_level > 0 is the training SDE; noise_level = 0 is the ODE used for evaluation (log_probs are then zeros).
-    The last step is always deterministic: it is never trained, and with few steps its noise would be large (FLUX's
-    6-step schedule ends .27 -> 0, a std of .29 on the image the reward sees).
-    """
-    x = noise
-    T = len(sigmas) - 1
-    latents, log_probs = [x], []
-    for i in range(T):
-        velocity = backbone.velocity(x, sigmas[i], cond)
-        level = noise_level if i < T - 1 else 0.0
-        x, log_prob, _, _ = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], level, generator=generator)
-        latents.append(x)
-        log_probs.append(log_prob)
-    return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)  # T+1 x (B, ...) -> (B, T+1, ...); (B, T)
-
-
-# ---- 9. The training loop: sample -> reward -> bonus -> advantages -> per-step update -> log ----
-
-
-def _select(cond, index):
-    """The rows `index` of every tensor of a condition tuple."""
-    return tuple(c[index] for c in cond)
-
-
-def train(cfg, backbone, method, log=print, name=None):
-    """Fine-tune a fresh LoRA on `backbone` with one method of METHODS; returns its evaluation history (a list).
-
-    Each iteration takes one optimizer step, accumulated over every trained denoising step, so the first (and only)
-    update after sampling is exactly on-policy: ratio == 1 and the PPO clip never binds. Flow-GRPO splits a batch
-    into several optimizer steps; the clip range matters there. With cfg.resume it continues from the newest
-    checkpoint of this run; Ctrl-C writes one for the last finished iteration before it stops. `name` labels the
-    run's checkpoints and images (default: the method).
-    """
-    name = name or method
-    terms = METHODS[method]
-    s, t, d = cfg.sampling, cfg.train, cfg.diverse
-    P, G, T = s.prompts_per_iter, s.group_size, s.num_steps
-    B = P * G
-    chunks = torch.arange(B).split(t.micro_batch or B)  # micro-batches; clustering and advantages see all B
-    torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn from the global RNG
-    lora_params = add_lora(backbone.model, t.lora_rank, t.lora_alpha, backbone.lora_targets)
-    optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sigmas = backbone.sigmas(T)
-    # `done` is the last finished iteration; generator_state is the generator's state right after it.
-    history, done = load_checkpoint(cfg, name, backbone, optimizer, generator) if cfg.resume else ([], 0)
-    history = history or [dict(iteration=0, method=method, **evaluate(cfg, backbone))]
-    for record in history:  # a resumed run rewrites the metrics it had, so metrics.jsonl never holds a line twice
-        log(record)
-    if done and history[-1]["iteration"] != done and (done % t.eval_every == 0 or done == t.iterations):
-        # Interrupted during that iteration's evaluation: redo it (its noises are fixed). Its training stats are lost.
-        history.append(dict(iteration=done, method=method, **evaluate(cfg, backbone)))
-        log(history[-1])
-    generator_state = generator.get_state()
-    skipped_total = dropped_total = 0  # updates skipped and rewards dropped since the last metrics line
-    bar = tqdm(range(done + 1, t.iterations + 1), desc=name, initial=done, total=t.iterations)
-    try:
-        for iteration in bar:
-            start = time.time()
-            if backbone.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            # 1. Sample P prompts and a group of G trajectories for each, with the SDE.
-            prompt_ids = torch.randperm(len(backbone.prompts), generator=generator)[:P]
-            prompts = [backbone.prompts[p] for p in prompt_ids for _ in range(G)]  # (B,) prompt p repeated G times
-            cond = backbone.encode(prompts)
-            noise = backbone.noise(B, generator)
-            with torch.no_grad():
-                parts = [
-                    rollout(backbone, _select(cond, c), noise[c], sigmas, s.noise_level, generator) for c in chunks
-                ]
-                latents = torch.cat([p[0] for p in parts])  # (B, T+1, ...)
-                old_log_probs = torch.cat([p[1] for p in parts])  # (B, T)
-                samples = torch.cat([backbone.decode(latents[c, -1]) for c in chunks])
-
-            # 2. Quality reward, plus the creativity bonus computed within each prompt's group (paper sec 3.2).
-            #    A sample with a NaN or inf reward (or image features) is dropped: it is left out of the clustering,
-            #    stands at its group's mean for the statistics, and gets A = 0.
-            quality = backbone.reward(samples, prompts)  # (B,)
-            dropped = ~torch.isfinite(quality)
-            bonus = torch.ones(B)
-            if terms["bonus"]:
-                features = backbone.features(samples)  # (B, D)
-                dropped |= ~torch.isfinite(features).all(dim=1)
-                for p in range(P):
-                    group = torch.arange(p * G, (p + 1) * G)[~dropped[p * G : (p + 1) * G]]  # kept rows of group p
-                    distances = pairwise_distances(features[group], backbone.feature_metric)
-                    bonus[group], _ = creativity_bonus(distances, d.n_clusters, d.sigma, cfg.seed, d.max_clusters)
-            rewards = quality + (d.beta * bonus if terms["bonus"] else 0.0)
-
-            # 3. Group-normalized advantages, shared by every step of a trajectory (Flow-GRPO Eq. 4).
-            if dropped.any():
-                names = sorted({prompts[i] for i in dropped.nonzero().flatten().tolist()})
-                message = f"dropped {int(dropped.sum())} non-finite reward(s) of {names}"
-                tqdm.write(f"warning: iteration {iteration}: {message}", file=sys.stderr)
-                dropped_total += int(dropped.sum())
-                grouped = rewards.masked_fill(dropped, float("nan")).reshape(P, G)  # (B,) -> (P, G)
-                group_mean = grouped.nanmean(dim=1, keepdim=True).nan_to_num(0.0)  # (P, 1); 0 if all are dropped
-                rewards = torch.where(grouped.isnan(), group_mean, grouped).reshape(B)
-            adv = group_advantages(rewards.reshape(P, G), clip=t.adv_clip).reshape(B)  # (B,) -> (P, G) -> (B,)
-            adv = adv.masked_fill(dropped, 0.0).to(latents.device)
-
-            # 4. One clipped-surrogate loss per denoising step and micro-batch, back-propagated at once, so only one
-            #    forward's graph is alive at a time. Each piece is weighted by its share of the batch and the steps.
-            optimizer.zero_grad()
-            stats = dict(loss=0.0, reg=0.0, ratio=0.0)
-            for i in range(T - 1):  # the last step's std is ~0: its log-prob is meaningless, so it is never trained
-                for c in chunks:
-                    x, x_next, c_cond = latents[c, i], latents[c, i + 1], _select(cond, c)
-                    velocity = backbone.velocity(x, sigmas[i], c_cond)
-                    _, log_prob, mean, std_dev = sde_step_with_logprob(
-                        velocity, x, sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=x_next
-                    )
-                    loss = grpo_loss(log_prob, old_log_probs[c, i], adv[c], t.clip_range)
-                    reg = torch.zeros((), device=x.device)
-                    if (terms["w2"] and i < d.K) or terms["kl"]:
-                        with torch.no_grad(), adapters_disabled(backbone.model):  # the reference = LoRA switched off
-                            ref_velocity = backbone.velocity(x, sigmas[i], c_cond)
-                        _, _, ref_mean, _ = sde_step_with_logprob(
-                            ref_velocity, x, sigmas[i], sigmas[i + 1], s.noise_level, prev_sample=x_next
-                        )
-                        if terms["w2"]:
-                            reg = reg + d.lambda_w * structure_aware_reg(mean, ref_mean, i, d.K).mean()
-                        if terms["kl"]:
-                            reg = reg + t.kl_beta * kl_reg(mean, ref_mean, std_dev).mean()
-                    weight = len(c) / B / (T - 1)
-                    ((loss + reg) * weight).backward()
-                    stats["loss"] += loss.item() * weight
-                    stats["reg"] += reg.item() * weight
-                    stats["ratio"] += torch.exp(log_prob - old_log_probs[c, i]).mean().item() * weight
-            grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, t.max_grad_norm)
-            if torch.isfinite(grad_norm) and math.isfinite(stats["loss"] + stats["reg"]):
-                optimizer.step()
-            else:  # one bad batch must not write NaN into the weights: skip this update, keep training
-                skipped_total += 1
-                message = "non-finite loss or gradient, update skipped"
-                tqdm.write(f"warning: iteration {iteration}: {message}", file=sys.stderr)
-            done, generator_state = iteration, generator.get_state()
-
-            # 5. Log; evaluate with the ODE every eval_every iterations; checkpoint every save_every.
-            bar.set_postfix(reward=f"{quality.nanmean():.3f}", loss=f"{stats['loss']:.4f}")
-            if iteration % t.eval_every == 0 or iteration == t.iterations:
-                record = dict(
-                    iteration=iteration,
-                    method=method,
-                    train_reward=quality[~dropped].mean().item(),
-                    bonus=bonus.mean().item(),
-                    grad_norm=grad_norm.item(),
-                    skipped_updates=skipped_total,
-                    dropped_rewards=dropped_total,
-                    **stats,
-                    iter_seconds=time.time() - start,
-                )
-                if backbone.device.type == "cuda":
-                    record["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                record.update(evaluate(cfg, backbone, image_path=_image_path(cfg, name, iteration)))
-                history.append(record)
-                log(record)
-                skipped_total = dropped_total = 0  # the counts are since the previous metrics line
-            if t.save_every and (iteration % t.save_every == 0 or iteration == t.iterations):
-                save_checkpoint(cfg, backbone, optimizer, generator_state, name, done, history)
-    except KeyboardInterrupt:
-        # The weights and the optimizer only change in optimizer.step(), so `done` describes them exactly.
-        path = save_checkpoint(cfg, backbone, optimizer, generator_state, name, done, history)
-        tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
-        raise
-    return history
-
-
-def _image_path(cfg, name, iteration):
-    return os.path.join(cfg.output_dir, "images", f"{name}_{iteration:05d}.png")
-
-
-def save_checkpoint(cfg, backbone, optimizer, generator_state, name, iteration, history):
-    """Write output_dir/checkpoints/<name>/<iteration>/, atomically, and keep the newest keep_checkpoints.
-
-    training_state.pt holds everything a resume needs (LoRA, optimizer, random states, metrics so far); image
-    backbones also write the LoRA in diffusers' format, for pipe.load_lora_weights. The folder is written under a
-    temporary name and renamed at the end, so a crash never leaves half a checkpoint behind.
-    """
-    from peft import get_peft_model_state_dict
-
-    root = os.path.join(cfg.output_dir, "checkpoints", name)
-    final = os.path.join(root, f"{iteration:06d}")
-    partial = final + ".partial"
-    if os.path.exists(partial):  # left by a crash in the middle of a write
-        shutil.rmtree(partial)
-    os.makedirs(partial)
-    if isinstance(backbone, DiffusersBackbone):
-        backbone.save_lora(partial)
-    state = dict(
-        lora=get_peft_model_state_dict(backbone.model),
-        optimizer=optimizer.state_dict(),
-        generator=generator_state,
-        torch_rng=torch.get_rng_state(),
-        iteration=iteration,
-        history=history,
-    )
-    torch.save(state, os.path.join(partial, "training_state.pt"))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    for old in sorted(n for n in os.listdir(root) if n.isdigit())[: -cfg.train.keep_checkpoints]:
-        shutil.rmtree(os.path.join(root, old))
-    return final
-
-
-def load_checkpoint(cfg, name, backbone, optimizer, generator):
-    """Restore the newest checkpoint of run `name` into the model, optimizer and generator.
-
-    Returns (history, iteration) of the checkpoint, or ([], 0) when there is none. Training then continues exactly
-    where it stopped: on the CPU, a resumed run's metrics equal an uninterrupted run's.
-    """
-    from peft import set_peft_model_state_dict
-
-    root = os.path.join(cfg.output_dir, "checkpoints", name)
-    names = sorted(n for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
-    if not names:
-        return [], 0
-    state = torch.load(os.path.join(root, names[-1], "training_state.pt"), map_location="cpu", weights_only=True)
-    set_peft_model_state_dict(backbone.model, state["lora"])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    tqdm.write(f"resumed {name} from {os.path.join(root, names[-1])}")
-    return state["history"], state["iteration"]
-
-
-# ---- 10. Evaluation, the matched-quality table, and plots ----
+# ---- 10. Evaluation, the matched-quality table, and the toy's figure ----
 
 
 @torch.no_grad()
@@ -1316,20 +1145,19 @@ def evaluate(cfg, backbone, return_samples=False, image_path=None):
     The toy also counts modes; image backbones write a grid (prompts x samples) to image_path.
     """
     generator = torch.Generator().manual_seed(cfg.seed + 10_000)  # the same noises at every evaluation
-    n, micro_batch = cfg.sampling.eval_samples, cfg.train.micro_batch or cfg.sampling.eval_samples
+    n = cfg.sampling.eval_samples
+    chunks = torch.arange(n).split(cfg.train.micro_batch or n)
     sigmas = backbone.sigmas(cfg.sampling.eval_num_steps)
     rewards, diversities, vendis, modes, samples = [], [], [], [], {}
     for prompt in backbone.eval_prompts:
-        cond, noise = backbone.encode([prompt] * n), backbone.noise(n, generator)
-        x = []
-        for c in torch.arange(n).split(micro_batch):
-            latents, _ = rollout(backbone, _select(cond, c), noise[c], sigmas, noise_level=0.0)
-            x.append(backbone.decode(latents[:, -1]))
-        x = torch.cat(x)
-        rewards.append(backbone.reward(x, [prompt] * n).mean().item())
+        cond = backbone.encode([prompt] * n)
+        x = sample_batch(backbone, cond, backbone.noise(n, generator), sigmas, 0.0, chunks)[2]
         features = backbone.features(x)
+        if not torch.isfinite(features).all():
+            raise RunError("the evaluation's samples are not finite: the weights diverged; try a lower train.lr")
+        rewards.append(backbone.reward(x, [prompt] * n).mean().item())
         diversities.append(diversity_score(features, backbone.feature_metric))
-        vendis.append(vendi_score(features, backbone.feature_metric, cfg.diverse.sigma))
+        vendis.append(vendi_score(features, backbone.feature_metric))
         if isinstance(backbone, ToyBackbone):
             modes.append(backbone.count_modes(x, prompt))
         samples[prompt] = x.cpu()
@@ -1338,16 +1166,25 @@ def evaluate(cfg, backbone, return_samples=False, image_path=None):
         metrics["modes"] = float(np.mean(modes))
     elif image_path:
         save_image_grid(image_path, samples)
+        metrics["images"] = image_path
     return (metrics, samples) if return_samples else metrics
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_image_grid(path, samples):
     """One row per prompt, one column per sample: {prompt: (n, 3, H, W) in [0, 1]} -> a PNG."""
-    plt = _pyplot()
     rows = list(samples.values())  # P x (n, 3, H, W)
     grid = torch.cat([torch.cat(list(images), dim=2) for images in rows], dim=1)  # (3, P*H, n*W)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    plt.imsave(path, grid.permute(1, 2, 0).numpy())  # (3, P*H, n*W) -> (P*H, n*W, 3)
+    _pyplot().imsave(path, grid.permute(1, 2, 0).numpy())  # (3, P*H, n*W) -> (P*H, n*W, 3)
 
 
 def diversity_at_reward(history, level):
@@ -1408,431 +1245,428 @@ def format_table(rows, methods):
     lines = ["reward  " + "".join(f"{m + ' div / vendi (modes)':>34}" for m in methods)]
     for row in rows:
         gains = ", ".join(f"{m} {row[m + '_gain']:+.1%}" if m + "_gain" in row else f"{m} n/a" for m in methods[1:])
-        lines.append(f"{row['reward']:.3f}  " + "".join(cell(row, m) for m in methods) + f"   gain: {gains}")
+        gains = f"   gain: {gains}" if gains else ""  # one method alone has nothing to gain over
+        lines.append(f"{row['reward']:.3f}  " + "".join(cell(row, m) for m in methods) + gains)
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
+def plot_toy(path, base_samples, final_samples, histories, title=""):
+    """One row per prompt: base and each method's final ODE samples, then a training path (circle: start, star: end).
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_toy(path, base_samples, final_samples, histories):
-    """One row per prompt (base, then each method's final ODE samples), and the reward-vs-diversity curves."""
+    The first row's last panel plots reward against diversity, the second's reward against the modes kept.
+    """
     plt = _pyplot()
-    prompts = list(base_samples)
-    columns = ["base"] + list(final_samples)
+    prompts, columns = list(base_samples), ["base"] + list(final_samples)
     fig, axes = plt.subplots(len(prompts), len(columns) + 1, figsize=(3 * (len(columns) + 1), 3 * len(prompts)))
     for r, prompt in enumerate(prompts):
         for c, name in enumerate(columns):
             x = (base_samples if name == "base" else final_samples[name])[prompt].numpy()
             ax = axes[r, c]
             ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.5)
-            ax.set_xlim(-2.2, 2.2)
-            ax.set_ylim(-2.2, 2.2)
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xlim=(-2.2, 2.2), ylim=(-2.2, 2.2), aspect="equal", xticks=[], yticks=[])
             ax.set_title(f"{name}: {prompt}", fontsize=8)
-        axes[r, -1].axis("off")
-    ax = fig.add_subplot(len(prompts), len(columns) + 1, len(columns) + 1)
-    for i, (method, runs) in enumerate(histories.items()):
-        for seed, history in enumerate(runs):  # the first seed solid, the others faint
-            first = seed == 0
-            ax.plot([h["reward"] for h in history], [h["diversity"] for h in history], marker="." if first else None,
-                    color=f"C{i}", alpha=1.0 if first else 0.35, label=method if first else None)  # fmt: skip
-    ax.set_xlabel("mean reward (ODE)")
-    ax.set_ylabel("diversity (mean pairwise dist.)")
-    ax.legend(fontsize=7)
-    _save(plt, fig, path)
+    for ax, key in zip(axes[:, -1], ["diversity", "modes"]):  # noqa: B905 (two prompts, two paths)
+        for i, (method, runs) in enumerate(histories.items()):
+            for seed, history in enumerate(runs):  # the first seed solid, the others faint
+                reward, value = [h["reward"] for h in history], [h[key] for h in history]
+                style = dict(color=f"C{i}", alpha=1.0 if seed == 0 else 0.35)
+                ax.plot(reward, value, label=method if seed == 0 else None, **style)
+                ax.plot(reward[0], value[0], "o", **style)
+                ax.plot(reward[-1], value[-1], "*", markersize=10, **style)
+        ax.set(
+            xlabel="mean reward (ODE)", ylabel="diversity (mean pairwise dist.)" if key == "diversity" else "modes kept"
+        )
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
-def plot_training_curves(path, histories, groups):
-    """Reward and diversity against iteration (first seed), one row per group of runs: {row title: [labels]}."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
-    for row, (title, labels) in enumerate(groups.items()):
-        for label in labels:
-            history = histories[label][0]
-            iterations = [h["iteration"] for h in history]
-            axes[row, 0].plot(iterations, [h["reward"] for h in history], label=label)
-            axes[row, 1].plot(iterations, [h["diversity"] for h in history], label=label)
-        axes[row, 0].set_ylabel(f"reward ({title} sweep)")
-        axes[row, 1].set_ylabel("diversity (mean pairwise dist.)")
-        axes[row, 1].legend(fontsize=7)
-    for ax in axes[-1]:
-        ax.set_xlabel("iteration")
-    _save(plt, fig, path)
+# ---- 11. Checkpoints and the output folder ----
 
 
-def plot_branching(path, mean_curve, per_prompt, third):
-    """Diversity after sharing the first s SDE steps, with the first third of the steps shaded."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for prompt, curve in per_prompt.items():
-        ax.plot(curve, alpha=0.4, label=prompt)
-    ax.plot(mean_curve, color="black", marker="o", label="mean")
-    ax.axvspan(0, third, color="grey", alpha=0.15)
-    ax.set_xlabel("shared SDE steps s")
-    ax.set_ylabel("diversity of the branches")
-    ax.legend(fontsize=7)
-    _save(plt, fig, path)
+def _image_path(cfg, name, iteration):
+    return os.path.join(cfg.output_dir, "images", f"{name}_{iteration:05d}.png")
 
 
-def plot_bonus_cost(path, rows):
-    """Wall time of the bonus against group size, log-log, for both eigengap solvers."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    sizes = [r["group_size"] for r in rows]
-    for solver in ("dense", "arpack"):
-        ax.loglog(sizes, [r[solver] for r in rows], marker="o", label=f"{solver} eigengap")
-    ax.set_xlabel("group size N")
-    ax.set_ylabel("seconds per group")
-    ax.legend(fontsize=7)
-    _save(plt, fig, path)
+def save_checkpoint(cfg, backbone, optimizer, name, iteration, history):
+    """Write output_dir/checkpoints/<name>/<iteration>/, atomically, and keep the newest keep_checkpoints.
+
+    training_state.pt holds what a resume needs (LoRA, optimizer, torch's RNG, metrics so far); the sampler's noise
+    is seeded per iteration, so it needs no state. Image backbones also write the LoRA in diffusers' format, for
+    pipe.load_lora_weights. The folder is written under a temporary name and renamed at the end, so a crash never
+    leaves half a checkpoint behind. Only process 0 writes.
+    """
+    from peft import get_peft_model_state_dict
+
+    root = os.path.join(cfg.output_dir, "checkpoints", name)
+    final = os.path.join(root, f"{iteration:06d}")
+    if rank_and_world()[0] != 0:
+        return final
+    partial = final + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # left by a crash in the middle of a write
+    os.makedirs(partial)
+    if isinstance(backbone, DiffusersBackbone):
+        backbone.save_lora(partial)
+    state = dict(lora=get_peft_model_state_dict(backbone.model), optimizer=optimizer.state_dict(),
+                 torch_rng=torch.get_rng_state(), iteration=iteration, history=history)  # fmt: skip
+    torch.save(state, os.path.join(partial, "training_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    for old in sorted(n for n in os.listdir(root) if n.isdigit())[: -cfg.train.keep_checkpoints]:
+        shutil.rmtree(os.path.join(root, old))
+    return final
 
 
-# ---- 11. The paper's analyses: ablation, sweeps, branching, choice of k, cost of the bonus ----
+def load_checkpoint(cfg, name, backbone, optimizer):
+    """Restore the newest readable checkpoint of run `name`; returns (history, iteration), or ([], 0) if none.
+
+    An unreadable checkpoint (a crash, a full disk) is skipped with a warning for the one before it. Training then
+    continues exactly where it stopped: on the CPU, a resumed run's metrics equal an uninterrupted run's.
+    """
+    from peft import set_peft_model_state_dict
+
+    root = os.path.join(cfg.output_dir, "checkpoints", name)
+    names = sorted(n for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+    if not names:
+        tqdm.write(f"nothing to resume for {name} in {cfg.output_dir}: starting it fresh")
+        return [], 0
+    for folder in reversed(names):
+        path = os.path.join(root, folder, "training_state.pt")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except Exception as e:
+            tqdm.write(
+                f"warning: unreadable checkpoint {path} ({first_line(e)}); trying the one before", file=sys.stderr
+            )
+    else:
+        raise RunError(f"no readable checkpoint of {name}: delete {root} to train {name} afresh")
+    set_peft_model_state_dict(backbone.model, state["lora"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    tqdm.write(f"resumed {name} from {os.path.dirname(path)}")
+    return state["history"], state["iteration"]
 
 
-def with_changes(cfg, changes):
-    """A copy of cfg with dotted keys replaced, e.g. {"diverse.beta": 0.7}."""
-    cfg = copy.deepcopy(cfg)
-    for key, value in changes.items():
-        *path, name = key.split(".")
-        setattr(functools.reduce(getattr, path, cfg), name, value)
-    validate(cfg)  # a sweep value is held to the same rules as a config value
+def start_or_resume(cfg, backbone, optimizer, name, method, log):
+    """Resume from a checkpoint, or evaluate the fresh LoRA (iteration 0); returns (history, last done iteration)."""
+    history, done = load_checkpoint(cfg, name, backbone, optimizer) if cfg.resume else ([], 0)
+    if rank_and_world()[0] != 0:
+        return history, done
+    history = history or [dict(iteration=0, method=method, **evaluate(cfg, backbone))]
+    for record in history:  # a resumed run rewrites the metrics it had, so metrics.jsonl never holds a line twice
+        log(record)
+    if done and history[-1]["iteration"] != done and (done % cfg.train.eval_every == 0 or done == cfg.train.iterations):
+        # Interrupted during that iteration's evaluation: redo it (its noises are fixed). Its training stats are lost.
+        history.append(dict(iteration=done, method=method, **evaluate(cfg, backbone)))
+        log(history[-1])
+    return history, done
+
+
+def _flat(tree, prefix=""):
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def claim_output_dir(cfg):
+    """Refuse a file, another run's config, or checkpoints without resume; then lock output_dir for this run.
+
+    A refused start changes nothing in the folder. Returns the open lock file: the lock lasts while it is open.
+    """
+    out, path = cfg.output_dir, os.path.join(cfg.output_dir, "config.json")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output_dir {out} is a file, not a folder")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = _flat(json.load(f))
+        current = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))  # the same JSON types as the file's
+        extendable = ["resume"] + (["train.iterations", "train.eval_every", "train.save_every"] if cfg.resume else [])
+        changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
+        if changed := [k for k in changed if k not in extendable]:
+            raise ConfigError(f"output_dir {out} holds a run with another config (differs in: {', '.join(changed)});"
+                              " choose another output_dir or delete it")  # fmt: skip
+    checkpoints = os.path.join(out, "checkpoints")
+    if not cfg.resume and any(any(n.isdigit() for n in os.listdir(r)) for r, _, _ in os.walk(checkpoints)):
+        raise ConfigError(f"output_dir {out} holds checkpoints: continue with --set resume=true, or delete them")
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a")
+    except OSError as e:
+        raise ConfigError(f"output_dir {out}: cannot write there ({e.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"output_dir {out} is in use by another run: wait for it, or choose another") from None
+    return lock
+
+
+# ---- 12. Config loading and validation, and main ----
+
+
+class ConfigError(ValueError):
+    """A bad config or command line; main() prints it as one line and exits with status 2."""
+
+
+class RunError(RuntimeError):
+    """Weights that cannot be loaded, or training that diverged; main() prints it as one line and exits with 1."""
+
+
+def read_prompts(path):
+    """One prompt per line; blank lines are skipped."""
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def load_config(path, preset="toy", overrides=()):
+    """A preset of a YAML file (after the presets it names as `base`) over the dataclass defaults, then --set values.
+
+    OmegaConf types every value by the dataclasses and names the key of a wrong one; validate() checks ranges.
+    """
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"config {path} is a directory, not a YAML file"
+            if os.path.isdir(path)
+            else f"config file not found: {path}"
+        )
+    try:
+        presets = OmegaConf.to_container(OmegaConf.load(path))
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: invalid YAML ({first_line(e)})") from None
+    chain, name = [], preset
+    while name is not None:  # a preset over its base, over the base's base, ...
+        if not isinstance(presets, dict) or name not in presets or len(chain) > len(presets):
+            names = ", ".join(presets) if isinstance(presets, dict) else "none"
+            raise ConfigError(f"unknown preset '{name}' in {path}, or a cycle of bases (presets: {names})")
+        node = dict(presets[name] or {})
+        name = node.pop("base", None)
+        chain.insert(0, node)
+    if any("=" not in text for text in overrides):
+        raise ConfigError(f"--set expects key=value, got '{next(t for t in overrides if '=' not in t)}'")
+    try:
+        cfg = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(Config), *chain, OmegaConf.from_dotlist(list(overrides)))
+        )
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{key}: {first_line(e)}" if key else first_line(e)) from None
+    validate(cfg)
     return cfg
 
 
-def train_variants(cfg, variants, log):
-    """Train each (label, method, changes) variant from its seed's base model, for every seed of the analysis.
-
-    Returns ({label: [history per seed]}, {label: final ODE samples of the first seed}).
-    """
-    histories, final_samples = {label: [] for label, _, _ in variants}, {}
-    for seed in cfg.analysis.seeds or [cfg.seed]:
-        for label, method, changes in variants:
-            variant = with_changes(cfg, {"seed": seed, **changes})
-            backbone = build_backbone(variant)  # a fresh copy of the seed's base model
-
-            def run_log(record, label=label, seed=seed):
-                log({"run": label, "seed": seed, **record})
-
-            histories[label].append(train(variant, backbone, method, run_log, name=f"{label}-seed{seed}"))
-            if isinstance(backbone, ToyBackbone) and label not in final_samples:
-                # The plots need samples, which train()'s JSON history does not keep. Re-evaluating gives the same
-                # samples as its last evaluation (fixed noises) and costs the toy about 0.1 s.
-                final_samples[label] = evaluate(variant, backbone, return_samples=True)[1]
-            del backbone  # free the GPU before the next variant loads its own copy of the models
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    return histories, final_samples
+def memory_gb(n):
+    """What an N x N distance matrix costs the bonus or the evaluation: about six float64 copies of it, in GB."""
+    return 6 * 8 * n * n / 2**30
 
 
-def branching_diversity(backbone, prompt, sigmas, noise_level, trunks, branches, generator):
-    """Diversity when samples share their first s SDE steps, for s = 0..T (DiverseGRPO project page).
-
-    Each of `trunks` trajectories starts from one noise and runs s steps; then `branches` copies of it finish the
-    remaining steps with independent noise. Even at s = 0 the branches share their starting noise, so the curve
-    measures what the SDE's own noise decides, step by step. Returns T + 1 values: the mean, over trunks, of the
-    final samples' mean pairwise distance. The last step is deterministic, so s = T - 1 and s = T share everything.
-    """
-    T = len(sigmas) - 1
-    cond = backbone.encode([prompt] * branches)
-    trunk_seeds = torch.randint(2**31, (trunks,), generator=generator).tolist()  # the same trunks for every s
-    curve = []
-    for shared in range(T + 1):
-        scores = []
-        for trunk_seed in trunk_seeds:
-            trunk_generator = torch.Generator().manual_seed(trunk_seed)
-            x = backbone.noise(1, trunk_generator)
-            for i in range(shared):  # the shared stem: one sample
-                velocity = backbone.velocity(x, sigmas[i], _select(cond, [0]))
-                level = noise_level if i < T - 1 else 0.0  # the last step is deterministic, as in rollout()
-                x, *_ = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], level, generator=trunk_generator)
-            x = x.expand(branches, *x.shape[1:])  # (1, ...) -> (branches, ...)
-            for i in range(shared, T):  # the branches: independent noise from here on
-                velocity = backbone.velocity(x, sigmas[i], cond)
-                level = noise_level if i < T - 1 else 0.0
-                x, *_ = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], level, generator=generator)
-            scores.append(diversity_score(backbone.features(backbone.decode(x)), backbone.feature_metric))
-        curve.append(float(np.mean(scores)))
-    return curve
-
-
-def clustering_stability(groups, n_clusters, sigma, metric="euclidean", max_clusters=32, seed=0, seeds=5, jitter=0.02):
-    """How stable the bonus's clustering is: mean adjusted Rand index (1 = identical labels).
-
-    across_seeds: labels from different clustering seeds on the same group; under_jitter: labels before and after
-    moving every sample by Gaussian noise of `jitter` times the group's median pairwise distance.
-    """
-    from sklearn.metrics import adjusted_rand_score
-
-    generator = torch.Generator().manual_seed(seed)
-    across_seeds, under_jitter, n_found = [], [], []
-    for features in groups:
-        distances = pairwise_distances(features, metric)
-        labels = [creativity_bonus(distances, n_clusters, sigma, seed + i, max_clusters)[1] for i in range(seeds)]
-        across_seeds += [adjusted_rand_score(labels[0], other) for other in labels[1:]]
-        scale = jitter * distances[~torch.eye(len(features), dtype=torch.bool)].median()
-        moved = features + scale * torch.randn(features.shape, generator=generator)
-        moved_labels = creativity_bonus(pairwise_distances(moved, metric), n_clusters, sigma, seed, max_clusters)[1]
-        under_jitter.append(adjusted_rand_score(labels[0], moved_labels))
-        n_found.append(len(set(labels[0].tolist())))
-    return dict(ari_across_seeds=float(np.mean(across_seeds)), ari_under_jitter=float(np.mean(under_jitter)),
-                clusters=float(np.mean(n_found)))  # fmt: skip
-
-
-def time_bonus(features, n_clusters, sigma, eigen_solver, max_clusters=32, repeats=3):
-    """Median wall time of the whole bonus (distances, affinity, clustering, bonus) for one group, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        creativity_bonus(pairwise_distances(features), n_clusters, sigma, 0, max_clusters, eigen_solver)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def compare_methods(cfg, log):
-    """Train cfg.methods from the same base, on every seed, and compare them at matched reward (and the ablation)."""
-    histories, final_samples = train_variants(cfg, [(m, m, {}) for m in cfg.methods], log)
-    rows = matched_quality_table(histories, baseline=cfg.methods[0])
-    print("\nDiversity at matched reward (ODE evaluation, mean over prompts; mean +- std over seeds):")
-    print(format_table(rows, cfg.methods))
-    if all(row[cfg.methods[0]] is None for row in rows):
-        print("(no reward level above the base model's is reached by every run: train longer to compare)")
-    if cfg.backbone == "toy":
-        base_samples = evaluate(cfg, build_backbone(cfg), return_samples=True)[1]  # the cached base, seed cfg.seed
-        plot_toy(os.path.join(cfg.output_dir, "toy.png"), base_samples, final_samples, histories)
-    final = {m: [h[-1] for h in hs] for m, hs in histories.items()}
-    return dict(experiment="compare", seeds=cfg.analysis.seeds or [cfg.seed], methods=cfg.methods, table=rows,
-                final=final)  # fmt: skip
-
-
-def sweep(cfg, log):
-    """The paper's ablations of beta (bonus weight) and K (regularized steps), each against plain GRPO."""
-    a = cfg.analysis
-    variants = [("grpo", "grpo", {})]
-    variants += [(f"beta={b}", "diversegrpo", {"diverse.beta": b}) for b in a.betas]
-    variants += [(f"K={k}", "diversegrpo", {"diverse.K": k}) for k in a.Ks]
-    histories, _ = train_variants(cfg, variants, log)
-    rows = []
-    for label, runs in histories.items():
-        last = runs[0][-1]
-        rows.append(dict(run=label, reward=last["reward"], diversity=last["diversity"], vendi=last["vendi"],
-                         modes=last.get("modes"), best_reward=max(r["reward"] for r in runs[0])))  # fmt: skip
-    print("\nSweep: final ODE metrics (and the best reward along training)")
-    print("run          reward  diversity   vendi  modes  best reward")
-    for r in rows:
-        modes = "" if r["modes"] is None else f"{r['modes']:5.1f}"
-        metrics = f"{r['reward']:6.3f}  {r['diversity']:9.3f}  {r['vendi']:6.2f}  {modes:>5}  {r['best_reward']:11.3f}"
-        print(f"{r['run']:<12} {metrics}")
-    groups = {"beta": ["grpo"] + [f"beta={b}" for b in a.betas], "K": ["grpo"] + [f"K={k}" for k in a.Ks]}
-    plot_training_curves(os.path.join(cfg.output_dir, "sweep.png"), histories, groups)
-    return dict(experiment="sweep", table=rows)
-
-
-def compare_n_clusters(cfg, log):
-    """Fixed k against the eigengap's choice: diversity at matched reward, and how stable the clustering is."""
-    a = cfg.analysis
-    labels = [f"k={k}" for k in a.n_clusters]
-    variants = [("grpo", "grpo", {})] + [(f"k={k}", "diversegrpo", {"diverse.n_clusters": k}) for k in a.n_clusters]
-    histories, _ = train_variants(cfg, variants, log)
-    rows = matched_quality_table(histories, baseline="grpo")
-    print("\nDiversity at matched reward by choice of k (mean +- std over seeds):")
-    print(format_table(rows, ["grpo"] + labels))
-    # Stability, on groups of G SDE samples of the base model: the groups the bonus sees early in training.
-    backbone = build_backbone(cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sigmas, G = backbone.sigmas(cfg.sampling.num_steps), cfg.sampling.group_size
-    groups = []
-    for prompt in backbone.prompts:
-        cond = backbone.encode([prompt] * G)
-        for _ in range(a.stability_groups):
-            latents, _ = rollout(
-                backbone, cond, backbone.noise(G, generator), sigmas, cfg.sampling.noise_level, generator
-            )
-            groups.append(backbone.features(backbone.decode(latents[:, -1])))
-    stability = {
-        f"k={k}": clustering_stability(groups, k, cfg.diverse.sigma, backbone.feature_metric, cfg.diverse.max_clusters,
-                                       cfg.seed)
-        for k in a.n_clusters
-    }  # fmt: skip
-    print("\nClustering stability on base-model groups (adjusted Rand index; 1 = identical labels):")
-    print("k         clusters found  ARI across seeds  ARI under 2% jitter")
-    for label, s in stability.items():
-        print(f"{label:<9} {s['clusters']:14.1f}  {s['ari_across_seeds']:16.3f}  {s['ari_under_jitter']:19.3f}")
-    plot_training_curves(os.path.join(cfg.output_dir, "adaptive_k.png"), histories, {"k": ["grpo"] + labels})
-    return dict(experiment="adaptive_k", table=rows, stability=stability)
-
-
-def branching(cfg):
-    """The project page's analysis on the base model: how much diversity the first steps decide."""
-    backbone = build_backbone(cfg)
-    sigmas = backbone.sigmas(cfg.sampling.num_steps)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad():
-        curves = {
-            prompt: branching_diversity(backbone, prompt, sigmas, cfg.sampling.noise_level, cfg.analysis.trunks,
-                                        cfg.sampling.group_size, generator)
-            for prompt in backbone.eval_prompts
-        }  # fmt: skip
-    T = cfg.sampling.num_steps
-    mean_curve = np.mean(list(curves.values()), axis=0)  # (T + 1,): diversity after sharing s steps
-    third = round(T / 3)
-    fraction = float((mean_curve[0] - mean_curve[third]) / max(mean_curve[0] - mean_curve[T], 1e-12))
-    print("\nDiversity when the first s SDE steps are shared (mean over prompts):")
-    print("s  " + " ".join(f"{s:6d}" for s in range(T + 1)))
-    print("D  " + " ".join(f"{d:6.3f}" for d in mean_curve))
-    print(
-        f"share of the whole diversity change in the first {third} of {T} steps: {fraction:.1%} (paper, SD3.5-M: 66.6%)"
+def validate(cfg):
+    """Reject impossible values and combinations, before any work, with one line that names the key."""
+    samp, tr, div, model, toy = cfg.sampling, cfg.train, cfg.diverse, cfg.model, cfg.toy
+    for key in ("prompts_file", "eval_prompts_file"):
+        path = getattr(model, key)
+        if path and not (os.path.isfile(path) and read_prompts(path)):
+            raise ConfigError(f"model.{key}: no such file, or no prompts in it: {path}")
+    prompts = (
+        TOY_PROMPTS
+        if cfg.backbone == "toy"
+        else read_prompts(model.prompts_file)
+        if model.prompts_file
+        else model.prompts
     )
-    plot_branching(os.path.join(cfg.output_dir, "branching.png"), mean_curve, curves, third)
-    return dict(experiment="branching", curve=mean_curve.tolist(), per_prompt=curves, first_third_steps=third,
-                first_third_fraction=fraction)  # fmt: skip
-
-
-def bonus_cost(cfg, log):
-    """Wall time of the whole bonus as the group grows, with the dense and the arpack eigengap."""
-    a = cfg.analysis
-    generator = torch.Generator().manual_seed(cfg.seed)
-    rows = []
-    for n in a.group_sizes:
-        features = toy_data(torch.zeros(n, dtype=torch.long), cfg.toy.mode_std, generator)  # the ring's 8 modes
-        row = dict(group_size=n)
-        d = cfg.diverse
-        for solver in ("dense", "arpack"):
-            row[solver] = time_bonus(features, d.n_clusters, d.sigma, solver, d.max_clusters, a.repeats)
-        rows.append(row)
-        log(row)
-    # Growth exponent p of time ~ N^p between the two largest groups, where fixed overheads matter least.
-    (small, large), ratio = rows[-2:], rows[-1]["group_size"] / rows[-2]["group_size"]
-    slopes = {s: float(np.log(large[s] / small[s]) / np.log(ratio)) for s in ("dense", "arpack")}
-    iteration = train(with_changes(cfg, {"train.iterations": 5, "train.eval_every": 5}), build_backbone(cfg),
-                      "diversegrpo", log=lambda r: None)[-1]["iter_seconds"]  # fmt: skip
-    print("\nWall time of the creativity bonus for one group (distances, affinity, eigengap, clustering, bonus):")
-    print("N       dense eigengap  arpack eigengap")
-    for r in rows:
-        print(f"{r['group_size']:<7} {r['dense']:12.3f} s  {r['arpack']:13.3f} s")
-    print(f"growth from N={small['group_size']} to {large['group_size']}: ~N^{slopes['dense']:.2f} (dense), "
-          f"N^{slopes['arpack']:.2f} (arpack); one toy training iteration "
-          f"(G={cfg.sampling.group_size}, {cfg.sampling.prompts_per_iter} prompts): {iteration:.3f} s; "
-          f"one SD3.5-M sampling step of 24 images (estimated): {a.sd3_step_seconds:.2f} s")  # fmt: skip
-    plot_bonus_cost(os.path.join(cfg.output_dir, "bonus_cost.png"), rows)
-    return dict(experiment="bonus_cost", table=rows, growth_exponent=slopes, toy_iteration_seconds=iteration,
-                sd3_step_seconds_estimate=a.sd3_step_seconds)  # fmt: skip
-
-
-# ---- 12. main ----
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    world, image = int(os.environ.get("WORLD_SIZE", 1)), cfg.backbone != "toy"
+    checks = [  # (key, what must hold, what it must be)
+        ("experiment", cfg.experiment in EXPERIMENTS, ", ".join(EXPERIMENTS)),
+        ("backbone", cfg.backbone in ("toy", "sd3", "flux"), "toy, sd3 or flux"),
+        ("dtype", cfg.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+        ("seed", all(type(s) is int and 0 <= s < 2**32 for s in [cfg.seed, *cfg.analysis.seeds]), "in [0, 2**32)"),
+        ("output_dir", cfg.output_dir != "", "a folder"),
+        ("methods", cfg.methods and all(m in METHODS for m in cfg.methods), f"a list of {', '.join(METHODS)}"),
+        ("methods", len(set(cfg.methods)) == len(cfg.methods), "a list without repeats"),
+        ("train.kl_beta", "grpo_kl" not in cfg.methods or tr.kl_beta > 0, "positive for the grpo_kl method"),
+        ("sampling.group_size", samp.group_size >= 2, "at least 2"),
+        ("sampling.num_steps", samp.num_steps >= 2, "at least 2 (the last step is never trained)"),
+        ("sampling.eval_num_steps", samp.eval_num_steps >= 1, "at least 1"),
+        ("sampling.eval_samples", samp.eval_samples >= 2, "at least 2 (diversity needs pairs)"),
+        ("sampling.prompts_per_iter", 1 <= samp.prompts_per_iter * world <= max(len(prompts), 1),
+         f"at least 1, and times {world} process(es) at most the {len(prompts)} training prompts"),
+        ("sampling.noise_level", 0 < samp.noise_level < 2, "in (0, 2) to train (0 is the ODE)"),
+        ("sampling.shift", samp.shift > 0, "positive"),
+        ("train.lr", math.isfinite(tr.lr) and tr.lr > 0, "a positive number"),
+        ("train.iterations", min(tr.iterations, tr.eval_every) >= 1, "at least 1, and so must train.eval_every"),
+        ("train.clip_range", min(tr.clip_range, tr.adv_clip, tr.max_grad_norm) > 0, "positive (adv_clip, max_grad_norm)"),  # noqa: E501
+        ("diverse.beta", min(tr.kl_beta, div.beta, div.lambda_w) >= 0, "not negative, nor may kl_beta and lambda_w be"),
+        ("train.lora_rank", tr.lora_rank >= 1 and tr.lora_alpha > 0, "at least 1, and lora_alpha positive"),
+        ("train.micro_batch", min(tr.micro_batch, tr.save_every) >= 0, "not negative, nor may save_every be"),
+        ("train.keep_checkpoints", tr.keep_checkpoints >= 1, "at least 1"),
+        ("diverse.K", 0 <= div.K <= samp.num_steps - 1, f"in [0, {samp.num_steps - 1}], the trained steps"),
+        ("diverse.n_clusters", div.n_clusters == "auto" or type(div.n_clusters) is int and 0 < div.n_clusters < samp.group_size,  # noqa: E501
+         f"'auto' or an integer in [1, sampling.group_size = {samp.group_size})"),
+        ("diverse.sigma", div.sigma is None or div.sigma > 0, "positive, or null for local scaling"),
+        ("diverse.max_clusters", div.max_clusters >= 1, "at least 1"),
+        ("sampling.group_size", memory_gb(samp.group_size) < memory / 2,
+         f"smaller: its bonus needs ~{memory_gb(samp.group_size):.0f} GB, this machine has {memory:.0f}"),
+        ("sampling.eval_samples", memory_gb(samp.eval_samples) < memory / 2,
+         f"smaller: scoring them needs ~{memory_gb(samp.eval_samples):.0f} GB, this machine has {memory:.0f}"),
+        ("device", image or (cfg.device, cfg.dtype) == ("cpu", "float32"), "cpu, in float32, for the toy"),
+        ("toy.hidden", min(toy.hidden, toy.pretrain_iters, toy.pretrain_batch) > 0, "at least 1 (and pretrain_*)"),
+        ("toy.mode_std", min(toy.reward_width, toy.mode_std, toy.pretrain_lr) > 0, "positive (and reward_width, lr)"),
+        ("model.pretrained", not image or model.pretrained, "a hub name or a local folder"),
+        ("model.reward", model.reward in ("pickscore", "hpsv3"), "pickscore or hpsv3"),
+        ("model.resolution", model.resolution > 0 and model.resolution % 16 == 0, "a multiple of 16"),
+        ("model.prompts", not image or prompts, "a list, or give model.prompts_file"),
+        ("model.eval_prompts", not image or model.eval_prompts or model.eval_prompts_file, "a list (or a file)"),
+        ("model.reward", not image or model.reward != "hpsv3" or importlib.util.find_spec("hpsv3"),
+         "pickscore here: hpsv3 needs the hpsv3 package (pip install hpsv3; see README)"),
+    ]  # fmt: skip
+    for key, ok, requirement in checks:
+        if not ok:
+            value = functools.reduce(getattr, key.split("."), cfg)
+            raise ConfigError(f"{key}: must be {requirement}, got {value!r}"[:300])
 
 
 def build_backbone(cfg):
     return ToyBackbone(cfg) if cfg.backbone == "toy" else load_diffusers_backbone(cfg)
 
 
-def check_output_dir(cfg):
-    """Refuse to overwrite another run: a different config in output_dir, or checkpoints while resume is off."""
-    path = os.path.join(cfg.output_dir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        previous = json.load(f)
-    current = json.loads(json.dumps(dataclasses.asdict(cfg)))  # the same JSON types as the file's
+def make_log(cfg, files):
+    """log(record): every number to metrics.jsonl, one short line to the terminal, and TensorBoard if asked.
 
-    def flat(tree, prefix=""):  # {"train": {"lr": 1}} -> {"train.lr": 1}
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[prefix + key] = value
-        return out
+    The previous run's config.json and metrics.jsonl are replaced at the first record, once training has started.
+    """
 
-    previous, current = flat(previous), flat(current)
-    previous.pop("resume", None)
-    current.pop("resume")
-    if previous != current:
-        changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
-        raise ConfigError(
-            f"output_dir {cfg.output_dir} holds a run with a different config (differs in: {', '.join(changed)}); "
-            "choose another output_dir or delete it"
-        )
-    checkpoints = os.path.join(cfg.output_dir, "checkpoints")
-    if not cfg.resume and any(any(n.isdigit() for n in os.listdir(r)) for r, _, _ in os.walk(checkpoints)):
-        raise ConfigError(
-            f"output_dir {cfg.output_dir} holds checkpoints: continue with --set resume=true, or delete them"
-        )
+    def log(record):
+        if not files:
+            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=1)
+            files["metrics"] = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w")
+            if cfg.log.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+                files["tensorboard"] = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        files["metrics"].write(json.dumps(record) + "\n")
+        files["metrics"].flush()
+        keys = ["reward", "diversity", "vendi", "modes", "clusters", "loss", "skipped_updates", "dropped_rewards"]
+        shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if record.get(k))
+        tqdm.write(f"{record['method']} it {record['iteration']}: {shown}"[:120])
+        if "tensorboard" in files:
+            for key, value in record.items():
+                if isinstance(value, (int, float)):
+                    files["tensorboard"].add_scalar(f"{record['method']}/{key}", value, record["iteration"])
+            if "images" in record:  # the image backbones' grid of this evaluation
+                image = _pyplot().imread(record["images"])[..., :3]
+                files["tensorboard"].add_image(
+                    f"{record['method']}/samples", image, record["iteration"], dataformats="HWC"
+                )
+
+    return log
 
 
 def run(cfg):
-    """Run the config's experiment; every experiment writes metrics.jsonl, summary.json and a figure to output_dir."""
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    open(metrics_path, "w").close()  # train() logs every record again on resume
+    """Train every method of cfg.methods from the same base and seed, and compare them at matched reward.
 
-    def log(record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-
-    start = time.time()
-    if cfg.experiment == "compare":
-        summary = compare_methods(cfg, log)
-    elif cfg.experiment == "sweep":
-        summary = sweep(cfg, log)
-    elif cfg.experiment == "adaptive_k":
-        summary = compare_n_clusters(cfg, log)
-    elif cfg.experiment == "branching":
-        summary = branching(cfg)
-    else:
-        summary = bonus_cost(cfg, log)
-    summary["wall_seconds"] = time.time() - start
+    Writes config.json, metrics.jsonl, summary.json and, for the toy, toy.png to output_dir. Under torchrun every
+    process trains; process 0 alone evaluates and writes.
+    """
+    start, histories, final_samples, files = time.time(), {}, {}, {}
+    log, rank = make_log(cfg, files), rank_and_world()[0]
+    for method in cfg.methods:
+        backbone = build_backbone(cfg)  # a fresh copy of the base model
+        histories[method] = [train(cfg, backbone, method, log, name=f"{method}-seed{cfg.seed}")]
+        if isinstance(backbone, ToyBackbone) and rank == 0:
+            # The figure needs samples, which the JSON history does not keep. Re-evaluating gives the same samples as
+            # the last evaluation (fixed noises) and costs the toy about 0.1 s.
+            final_samples[method] = evaluate(cfg, backbone, return_samples=True)[1]
+        del backbone  # free the GPU before the next method loads its own copy
+    if rank != 0:
+        return None
+    rows = matched_quality_table(histories, baseline=cfg.methods[0])
+    print("\nDiversity at matched reward (ODE evaluation, mean over prompts):")
+    print(format_table(rows, cfg.methods) if rows else "(no reward level above the base's is reached by every method)")
+    final = {m: h[0][-1] for m, h in histories.items()}
+    if cfg.backbone == "toy":
+        ends = ", ".join(f"{m} {f['reward']:.3f} / {f['modes']:.1f} / {f['vendi']:.1f}" for m, f in final.items())
+        title = f"seed {cfg.seed}, {cfg.train.iterations} iterations; final ODE reward / modes / Vendi: {ends}"
+        path = os.path.join(cfg.output_dir, "toy.png")
+        plot_toy(path, evaluate(cfg, build_backbone(cfg), return_samples=True)[1], final_samples, histories, title)
+        if "tensorboard" in files:
+            files["tensorboard"].add_image("toy", _pyplot().imread(path)[..., :3], dataformats="HWC")
+    summary = dict(seed=cfg.seed, methods=cfg.methods, table=rows, final=final, wall_seconds=time.time() - start)
     with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    for handle in files.values():
+        handle.close()
     print(f"\nwrote metrics.jsonl, summary.json and figures to {cfg.output_dir} ({summary['wall_seconds']:.1f} s)")
     return summary
 
 
+def setup_processes(cfg):
+    """Under torchrun: join the process group (NCCL on GPUs, gloo on the CPU), one GPU per process."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return
+    if cfg.device.startswith("cuda") and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", 1)):
+        raise ConfigError(f"device: {cfg.device} with NCCL needs a GPU per process; {torch.cuda.device_count()} found")
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout` and schedulers send), handled like Ctrl-C: a checkpoint, one line, exit 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="DiverseGRPO: diversity-aware GRPO for flow models.")
-    parser.add_argument("--config", required=True, help="YAML file of presets, e.g. configs.yaml")
-    parser.add_argument("--preset", default="toy", help="top-level section of the YAML file")
+    import yaml
+
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.yaml")
+    presets = "(unreadable)"
+    with contextlib.suppress(Exception), open(default) as f:
+        presets = ", ".join(yaml.safe_load(f))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=f"presets of {default}: {presets}")
+    parser.add_argument("--config", default=default, help="YAML file of presets (default: configs.yaml beside this)")
+    parser.add_argument("--preset", default="toy", help="a top-level section of the YAML file")
     parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, dotted keys allowed (train.lr=1e-3); repeatable",
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=1e-3; repeatable"
     )
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cfg = load_config(args.config, args.preset, args.set)
-        check_output_dir(cfg)
+        if cfg.experiment != "compare":
+            command = f"python analyses/paper_analyses.py --config {args.config} --preset {args.preset}"
+            raise ConfigError(f"preset '{args.preset}' is one of the paper's analyses: run {command}")
+        setup_processes(cfg)
+        lock = claim_output_dir(cfg) if rank_and_world()[0] == 0 else None  # noqa: F841 (held until exit)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(yaml.safe_dump({args.preset: dataclasses.asdict(cfg)}, sort_keys=False))
+    if cfg.backbone == "toy" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # the toy's tiny matmuls gain nothing from threads, and a busy machine costs 10x
+    defaults, settings = _flat(dataclasses.asdict(Config())), _flat(dataclasses.asdict(cfg))
+    changed = [f"  {k} = {v}" for k, v in settings.items() if defaults.get(k) != v and not k.endswith("prompts")]
+    print(f"preset {args.preset}; settings that differ from the defaults:", *changed, sep="\n")
     try:
         run(cfg)
-    except SetupError as e:
+    except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        print("error: terminated" if isinstance(e, Terminated) else "error: interrupted", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
 if __name__ == "__main__":
