@@ -62,6 +62,7 @@ class SamplingConfig:
     group_size: int = 24  # G, samples per prompt (paper: 24)
     prompts_per_iter: int = 2  # P, prompts per iteration on each process
     eval_samples: int = 256  # ODE samples per held-out prompt at evaluation
+    micro_batch: int = 0  # samples per no-grad forward (sampling, decoding, scoring); 0 = train.micro_batch
 
 
 @dataclass
@@ -76,7 +77,7 @@ class TrainConfig:
     lora_rank: int = 8  # paper: 32
     lora_alpha: int = 16  # paper: 64
     eval_every: int = 20  # evaluate every this many iterations
-    micro_batch: int = 0  # samples per forward in sampling, decoding and training; 0 = the whole batch
+    micro_batch: int = 0  # samples per training forward (and sampling's, unless set there); 0 = the whole batch
     save_every: int = 0  # write a checkpoint every this many iterations (and at the end); 0 = never
     keep_checkpoints: int = 2  # how many checkpoints of a method to keep
 
@@ -107,6 +108,7 @@ class ModelConfig:
     resolution: int = 512  # image height and width in pixels
     guidance_scale: float = 4.5  # CFG scale (SD3), or the guidance embedding's value (FLUX)
     gradient_checkpointing: bool = False  # trade compute for memory in the transformer's backward
+    compile: str = ""  # torch.compile backend for each transformer block ("inductor" on a GPU); "" = eager
     reward: str = "pickscore"  # pickscore | hpsv3
     reward_model: str = "yuvalkirstain/PickScore_v1"  # PickScore's CLIP weights
     reward_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor (tokenizer)
@@ -155,7 +157,8 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
-EXPERIMENTS = ("compare", "ablation", "sweep", "adaptive_k", "branching", "bonus_cost")  # all but compare: analyses/
+# The main command runs "compare"; the paper's analyses (the others) run from analyses/paper_analyses.py.
+EXPERIMENTS = ("compare", "ablation", "sweep", "adaptive_k", "branching", "bonus_cost", "bonus_rules")
 
 # Which terms each method switches on. Their strengths come from the config, so every method shares one set of
 # hyperparameters and differs only in what it adds to plain GRPO.
@@ -445,12 +448,20 @@ def sample_batch(backbone, cond, noise, sigmas, noise_level, chunks, generator=N
     return latents, torch.cat([p[1] for p in parts]), samples
 
 
+def sampling_micro_batch(cfg):
+    return cfg.sampling.micro_batch or cfg.train.micro_batch
+
+
 def iteration_generator(*keys):
     """A CPU generator seeded from (seed, iteration, ...): a resumed or a distributed run draws the same numbers."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
 # ---- 6. The training loop: sample -> reward -> bonus -> advantages -> per-step update -> log ----
+
+
+def warn(message):
+    tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not through it
 
 
 def rank_and_world():
@@ -572,6 +583,7 @@ def train(cfg, backbone, method, log=print, name=None):
     P, G, T = cfg.sampling.prompts_per_iter, cfg.sampling.group_size, cfg.sampling.num_steps
     B, rank = P * G, rank_and_world()[0]
     chunks = torch.arange(B).split(train_cfg.micro_batch or B)  # micro-batches; clustering and advantages see all B
+    sample_chunks = torch.arange(B).split(sampling_micro_batch(cfg) or B)  # no graph to keep: larger pieces
     torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn from the global RNG
     lora_params = add_lora(backbone.model, train_cfg.lora_rank, train_cfg.lora_alpha, backbone.lora_targets)
     optimizer = torch.optim.AdamW(lora_params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
@@ -589,7 +601,7 @@ def train(cfg, backbone, method, log=print, name=None):
             generator = iteration_generator(cfg.seed, iteration, rank)
             cond = backbone.encode(prompts)
             latents, old_log_probs, samples = sample_batch(
-                backbone, cond, backbone.noise(B, generator), sigmas, cfg.sampling.noise_level, chunks, generator
+                backbone, cond, backbone.noise(B, generator), sigmas, cfg.sampling.noise_level, sample_chunks, generator
             )
             # 2. Quality reward, plus the creativity bonus computed within each prompt's group (paper sec 3.2).
             quality = backbone.reward(samples, prompts)  # (B,)
@@ -605,19 +617,18 @@ def train(cfg, backbone, method, log=print, name=None):
             if dropped.any():
                 names = sorted({prompts[i] for i in dropped.nonzero().flatten().tolist()})
                 message = f"dropped {int(dropped.sum())} non-finite reward(s) of {names}"
-                tqdm.write(f"warning: iteration {iteration}: {message}", file=sys.stderr)
+                warn(f"iteration {iteration}: {message}")
             adv = group_advantages(fill_dropped(rewards, dropped, P, G), clip=train_cfg.adv_clip).reshape(B)
             adv = adv.masked_fill(dropped, 0.0).to(latents.device)  # (P, G) -> (B,)
             # 4. One loss per trained step and micro-batch, then one optimizer step (skipped if not finite).
             optimizer.zero_grad()
             stats = policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigmas, chunks)
             grad_norm = optimizer_step(optimizer, lora_params, train_cfg.max_grad_norm, stats["loss"] + stats["reg"])
-            if not math.isfinite(grad_norm):
-                tqdm.write(
-                    f"warning: iteration {iteration}: non-finite loss or gradient, update skipped", file=sys.stderr
-                )
-            period["skipped"].append(not math.isfinite(grad_norm))
-            skipped_in_a_row = 0 if math.isfinite(grad_norm) else skipped_in_a_row + 1
+            skipped = not math.isfinite(grad_norm)
+            if skipped:
+                warn(f"iteration {iteration}: non-finite loss or gradient, update skipped")
+            period["skipped"].append(skipped)
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
             period["dropped"] += int(dropped.sum())
             done = iteration
             # 5. Log; evaluate with the ODE every eval_every iterations; checkpoint every save_every.
@@ -640,7 +651,7 @@ def train(cfg, backbone, method, log=print, name=None):
                     log(record)
                     if cfg.diverse.beta > 0 and bonus_was_constant(history) and not bonus_was_constant(history[:-1]):
                         message = "the bonus was constant (one cluster) in most groups of the last 3 evaluations"
-                        tqdm.write(f"warning: {message}; it changes no advantage", file=sys.stderr)
+                        warn(f"{message}; it changes no advantage")
                 period = new_period()
             if train_cfg.save_every and (iteration % train_cfg.save_every == 0 or iteration == train_cfg.iterations):
                 save_checkpoint(cfg, backbone, optimizer, name, done, history)
@@ -781,7 +792,9 @@ class ToyBackbone:
 
     def __init__(self, cfg):
         self.prompts = self.eval_prompts = list(TOY_PROMPTS)
-        self.reward_width = cfg.toy.reward_width
+        # Vendi's kernel width: two points closer than a reward bump count as one. (The median distance would make the
+        # kernel as narrow as a collapsed group, and count its noise as distinct samples.)
+        self.reward_width = self.vendi_bandwidth = cfg.toy.reward_width
         settings = json.dumps([cfg.seed, dataclasses.asdict(cfg.toy)], sort_keys=True)  # what the base depends on
         path = os.path.join(cfg.output_dir, f"toy_base_{hashlib.sha1(settings.encode()).hexdigest()[:10]}.pt")
         self.model = ToyFlow(len(TOY_PROMPTS), cfg.toy.hidden)
@@ -789,9 +802,7 @@ class ToyBackbone:
             self.model.load_state_dict(torch.load(path, weights_only=True))
         except Exception as e:  # missing, or truncated by a crash: (re)build it
             if os.path.exists(path):
-                tqdm.write(
-                    f"warning: unreadable toy base cache {path} ({first_line(e)}); rebuilding it", file=sys.stderr
-                )
+                warn(f"unreadable toy base cache {path} ({first_line(e)}); rebuilding it")
             self.model = pretrain_toy(cfg)
             os.makedirs(cfg.output_dir, exist_ok=True)
             torch.save(self.model.state_dict(), path + ".tmp")
@@ -933,6 +944,12 @@ class DiffusersBackbone:
         self.latent_size = cfg.model.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
         if cfg.model.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()  # only active when grad is on: the reference pass is unaffected
+        if cfg.model.compile:  # regional compile: one graph per kind of block, shared by every block of that kind
+            # Each kind is traced again with and without grad, with the LoRA on and off (the reference), and for each
+            # micro-batch size: more variants than dynamo's default limit of 8, past which it falls back to eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            for block in [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]:
+                block.compile(backend=cfg.model.compile, dynamic=False)
 
     def sigmas(self, num_steps):
         if self.kind == "flux":
@@ -1077,7 +1094,7 @@ def pickscore_reward(model, tokenizer, images, prompts):
 
 def load_reward(cfg):
     """reward(images (B, 3, H, W) in [0, 1], prompts) -> (B,), run in micro-batches."""
-    micro_batch = cfg.train.micro_batch or 8
+    micro_batch = sampling_micro_batch(cfg) or 8
     if cfg.model.reward == "hpsv3":
         try:
             from hpsv3 import HPSv3RewardInferencer
@@ -1116,7 +1133,7 @@ def load_dreamsim(cfg):
     """embed(images (B, 3, H, W) in [0, 1]) -> DreamSim embeddings (B, D); 1 - cos of two is DreamSim's distance."""
     from dreamsim import dreamsim
 
-    micro_batch = cfg.train.micro_batch or 8
+    micro_batch = sampling_micro_batch(cfg) or 8
     try:
         model, _ = dreamsim(
             pretrained=True,
@@ -1146,7 +1163,7 @@ def evaluate(cfg, backbone, return_samples=False, image_path=None):
     """
     generator = torch.Generator().manual_seed(cfg.seed + 10_000)  # the same noises at every evaluation
     n = cfg.sampling.eval_samples
-    chunks = torch.arange(n).split(cfg.train.micro_batch or n)
+    chunks = torch.arange(n).split(sampling_micro_batch(cfg) or n)
     sigmas = backbone.sigmas(cfg.sampling.eval_num_steps)
     rewards, diversities, vendis, modes, samples = [], [], [], [], {}
     for prompt in backbone.eval_prompts:
@@ -1157,7 +1174,7 @@ def evaluate(cfg, backbone, return_samples=False, image_path=None):
             raise RunError("the evaluation's samples are not finite: the weights diverged; try a lower train.lr")
         rewards.append(backbone.reward(x, [prompt] * n).mean().item())
         diversities.append(diversity_score(features, backbone.feature_metric))
-        vendis.append(vendi_score(features, backbone.feature_metric))
+        vendis.append(vendi_score(features, backbone.feature_metric, getattr(backbone, "vendi_bandwidth", None)))
         if isinstance(backbone, ToyBackbone):
             modes.append(backbone.count_modes(x, prompt))
         samples[prompt] = x.cpu()
@@ -1338,9 +1355,7 @@ def load_checkpoint(cfg, name, backbone, optimizer):
             state = torch.load(path, map_location="cpu", weights_only=True)
             break
         except Exception as e:
-            tqdm.write(
-                f"warning: unreadable checkpoint {path} ({first_line(e)}); trying the one before", file=sys.stderr
-            )
+            warn(f"unreadable checkpoint {path} ({first_line(e)}); trying the one before")
     else:
         raise RunError(f"no readable checkpoint of {name}: delete {root} to train {name} afresh")
     set_peft_model_state_dict(backbone.model, state["lora"])
@@ -1506,7 +1521,7 @@ def validate(cfg):
         ("train.clip_range", min(tr.clip_range, tr.adv_clip, tr.max_grad_norm) > 0, "positive (adv_clip, max_grad_norm)"),  # noqa: E501
         ("diverse.beta", min(tr.kl_beta, div.beta, div.lambda_w) >= 0, "not negative, nor may kl_beta and lambda_w be"),
         ("train.lora_rank", tr.lora_rank >= 1 and tr.lora_alpha > 0, "at least 1, and lora_alpha positive"),
-        ("train.micro_batch", min(tr.micro_batch, tr.save_every) >= 0, "not negative, nor may save_every be"),
+        ("train.micro_batch", min(tr.micro_batch, samp.micro_batch, tr.save_every) >= 0, "not negative (and the rest)"),
         ("train.keep_checkpoints", tr.keep_checkpoints >= 1, "at least 1"),
         ("diverse.K", 0 <= div.K <= samp.num_steps - 1, f"in [0, {samp.num_steps - 1}], the trained steps"),
         ("diverse.n_clusters", div.n_clusters == "auto" or type(div.n_clusters) is int and 0 < div.n_clusters < samp.group_size,  # noqa: E501

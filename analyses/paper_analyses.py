@@ -462,6 +462,78 @@ def bonus_cost(cfg, log):
     )
 
 
+# ---- How the bonus finds modes: planted groups, under the median bandwidth and under local scaling ----
+
+PLANTED = [[12, 8, 4], [16, 4, 4], [10, 10, 2, 2], [20, 4], [18, 6], [22, 1, 1], [14, 6, 3, 1]]  # G = 24, unbalanced
+
+
+def planted_group(sizes, geometry, scale, generator, overlap=1.0):
+    """Features of a group whose modes hold `sizes` samples, and each sample's mode: ((N, D), (N,)).
+
+    cosine: 512-d embeddings whose mode centres are ~0.2 apart and samples ~0.03 apart in 1 - cos (DreamSim's scale:
+    the paper's diversities are 0.13-0.19), times `scale`. ring / grid: the toy's modes (std 0.08), times `scale`.
+    `overlap` < 1 pulls the mode centres towards each other.
+    """
+    modes = torch.cat([torch.full((n,), m) for m, n in enumerate(sizes)])
+    if geometry == "cosine":
+        a, b = 0.5 * scale**0.5, 0.18 * scale**0.5  # 1 - cos ~ a^2 between centres, ~ b^2 within a mode
+        base = torch.nn.functional.normalize(torch.randn(512, generator=generator), dim=0)
+        centres = base + overlap * a * torch.randn(len(sizes), 512, generator=generator) / 512**0.5
+        return centres[modes] + b * torch.randn(len(modes), 512, generator=generator) / 512**0.5, modes
+    all_modes = dg.TOY_MODES[0 if geometry == "ring" else 1]
+    centres = all_modes[torch.randperm(len(all_modes), generator=generator)[: len(sizes)]] * overlap
+    return (centres[modes] + dg.ToyConfig.mode_std * torch.randn(len(modes), 2, generator=generator)) * scale, modes
+
+
+def rare_and_common(bonus, modes):
+    """(the rarest mode's mean bonus over its ideal sqrt(G / n_rare), whether it beats the commonest mode's)."""
+    sizes = torch.bincount(modes)
+    rare, common = bonus[modes == sizes.argmin()].mean(), bonus[modes == sizes.argmax()].mean()
+    return (rare / (len(modes) / sizes.min()) ** 0.5).item(), bool(rare > common)
+
+
+def bonus_rules(cfg, log, draws=10):
+    """How often the bonus rewards the rarest mode of a planted group: the old median bandwidth against the rule
+    every preset now uses (local scaling), in DreamSim's cosine geometry and the toy's, each at two scales."""
+    rules = {"median": lambda d: d[~torch.eye(len(d), dtype=torch.bool)].median().item(), "local scaling": None}
+    rows = []
+    for geometry, scale in [
+        ("cosine", 1.0),
+        ("cosine", 0.25),
+        ("ring", 1.0),
+        ("ring", 10.0),
+        ("grid", 1.0),
+        ("grid", 0.1),
+    ]:
+        metric = "cosine" if geometry == "cosine" else "euclidean"
+        for rule, bandwidth in rules.items():
+            generator, ratios, wins, k1 = torch.Generator().manual_seed(cfg.seed), [], [], []
+            for sizes in PLANTED:
+                for _ in range(draws):
+                    features, modes = planted_group(sizes, geometry, scale, generator)
+                    distances = dg.pairwise_distances(features, metric)
+                    sigma = bandwidth(distances) if bandwidth else None
+                    bonus, labels = dg.creativity_bonus(distances, cfg.diverse.n_clusters, sigma, cfg.seed)
+                    ratio, win = rare_and_common(bonus, modes)
+                    ratios, wins, k1 = ratios + [ratio], wins + [win], k1 + [labels.max().item() == 0]
+            row = dict(geometry=f"{geometry} x{scale:g}", rule=rule, rare_wins=float(np.mean(wins)),
+                       rare_bonus_of_ideal=float(np.mean(ratios)), k1_share=float(np.mean(k1)))  # fmt: skip
+            log(row)
+            rows.append(row)
+    print(
+        f"\nPlanted groups of 24 ({len(PLANTED)} size patterns x {draws} draws): how often the rarest mode's mean bonus"
+    )
+    print(
+        "beats the commonest's, its bonus over the ideal sqrt(24 / n_rare), and the share of groups left whole (k = 1)"
+    )
+    print(f"{'geometry':<14}{'rule':<15}{'rare wins':>10}{'of ideal':>10}{'k = 1':>8}")
+    for r in rows:
+        print(
+            f"{r['geometry']:<14}{r['rule']:<15}{r['rare_wins']:>10.0%}{r['rare_bonus_of_ideal']:>10.2f}{r['k1_share']:>8.0%}"
+        )
+    return dict(table=rows)
+
+
 # ---- Figures ----
 
 
@@ -532,6 +604,7 @@ ANALYSES = {
     "adaptive_k": compare_n_clusters,
     "branching": branching,
     "bonus_cost": bonus_cost,
+    "bonus_rules": bonus_rules,
 }
 SHOWN = ["reward", "diversity", "vendi", "modes", "clusters", "loss", "skipped_updates", "dropped_rewards"]
 
