@@ -29,6 +29,7 @@ Conventions (used everywhere below)
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import functools
 import hashlib
@@ -50,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# ---- 1. Config: documented dataclasses, filled from a named preset of configs.yaml (loader in section 11) ----
+# ---- 1. Config: documented dataclasses, filled from a named preset of configs.yaml (loader in section 12) ----
 
 
 @dataclass
@@ -288,19 +289,19 @@ def structure_aware_reg(prev_sample_mean, ref_prev_sample_mean, step_index, K):
     return (diff**2 / 2).flatten(1).mean(1)  # (B, ...) -> (B,)
 
 
-def step_loss(log_prob, old_log_prob, adv, clip_range, mean=None, ref_mean=None, std_dev=None, step_index=0, K=0,
-              lambda_w=0.0, kl_beta=0.0):  # fmt: skip
+def step_loss(log_prob, old_log_prob, adv, clip_range, prev_sample_mean=None, ref_prev_sample_mean=None,
+              std_dev=None, step_index=0, K=0, lambda_w=0.0, kl_beta=0.0):  # fmt: skip
     """The whole loss of one denoising step i: clipped surrogate + lambda_w * W2 (only if i < K) + kl_beta * KL.
 
-    mean, ref_mean are the policy's and the reference's transition means (B, ...) from the same x; without a
-    reference (plain GRPO) only the surrogate counts. Returns (surrogate, regularizer), scalars.
+    prev_sample_mean and ref_prev_sample_mean are the policy's and the reference's transition means (B, ...) from
+    the same x; without a reference (plain GRPO) only the surrogate counts. Returns (surrogate, regularizer), scalars.
     """
     surrogate = grpo_loss(log_prob, old_log_prob, adv, clip_range)
     reg = torch.zeros((), device=log_prob.device)
-    if ref_mean is not None and lambda_w:
-        reg = reg + lambda_w * structure_aware_reg(mean, ref_mean, step_index, K).mean()
-    if ref_mean is not None and kl_beta:
-        reg = reg + kl_beta * kl_reg(mean, ref_mean, std_dev).mean()
+    if ref_prev_sample_mean is not None and lambda_w:
+        reg = reg + lambda_w * structure_aware_reg(prev_sample_mean, ref_prev_sample_mean, step_index, K).mean()
+    if ref_prev_sample_mean is not None and kl_beta:
+        reg = reg + kl_beta * kl_reg(prev_sample_mean, ref_prev_sample_mean, std_dev).mean()
     return surrogate, reg
 
 
@@ -413,6 +414,15 @@ def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0, max_clust
 
 
 # ---- 5. Rollout: sample a group with the SDE, keeping every step's latents and log-probs ----
+#
+# A backbone is a small object that the rollout and the loop call (the toy in section 7, SD3 and FLUX in section 8):
+#   model                 the nn.Module carrying the LoRA adapters (the policy); adapters off = the reference
+#   prompts               the training prompts; eval_prompts the held-out ones
+#   encode(prompts)       -> a tuple of tensors with the batch first (the condition)
+#   velocity(x, sigma, cond) -> v, float32, (B, ...) like x
+#   noise(n, generator)   -> n initial latents x at sigma = 1
+#   decode(x)             -> samples: images in [0, 1], or the toy's points
+#   reward(samples, prompts) -> (B,) quality Q;  features(samples) -> (B, D), with feature_metric
 
 
 def rollout(backbone, cond, noise, sigmas, noise_level, generator=None):
@@ -453,11 +463,51 @@ def sampling_micro_batch(cfg):
 
 
 def iteration_generator(*keys):
-    """A CPU generator seeded from (seed, iteration, ...): a resumed or a distributed run draws the same numbers."""
+    """A CPU generator seeded from a key such as (seed, iteration, stream, rank): a resumed or a distributed run draws
+    the same numbers without carrying a generator's state. Keys of one length only: numpy pads shorter ones with 0."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
 # ---- 6. The training loop: sample -> reward -> bonus -> advantages -> per-step update -> log ----
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run the base network: switch every peft LoRA layer off, and back on afterwards. This is the reference model.
+
+    Works for any module with peft adapters injected, diffusers transformers included (they have no such
+    context manager of their own).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def add_lora(model, rank, alpha, target_modules):
+    """Inject fresh LoRA adapters (peft) into `model` in place and freeze everything else; returns the LoRA params.
+
+    Gaussian A matrices, as Flow-GRPO initialises them, and zero B matrices, so the policy starts exactly at the
+    reference.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights="gaussian")
+    inject_adapter_in_model(config, model)
+    params = [p for name, p in model.named_parameters() if "lora_" in name]
+    for p in params:
+        # Trainable weights stay float32 even in a bf16 model (autocast handles the matmuls): in bf16, AdamW's
+        # second moment times 0.999 rounds back to itself and never decays, and weight decay underflows.
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
 
 
 def warn(message):
@@ -524,19 +574,19 @@ def policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigma
     return stats
 
 
-def optimizer_step(optimizer, params, max_grad_norm, loss):
+def optimizer_step(optimizer, params, max_grad_norm):
     """Average the gradients over processes, clip, and step; returns the gradient norm, NaN if the step was skipped.
 
-    A non-finite loss or gradient skips the step: one bad batch must not write NaN into the weights.
+    A non-finite gradient (a NaN or inf loss makes one) skips the step: one bad batch must not write NaN into the
+    weights. After the all-reduce every process sees the same norm, so they all skip together.
     """
-    if dist.is_initialized():  # one all-reduce per parameter and iteration: the LoRA is small (see README)
+    if dist.is_initialized():  # one all-reduce per LoRA tensor and iteration: the LoRA is small (see README)
         for p in params:
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-    if not (math.isfinite(grad_norm) and math.isfinite(loss)):
-        return float("nan")
-    optimizer.step()
+    if math.isfinite(grad_norm):
+        optimizer.step()
     return grad_norm
 
 
@@ -558,7 +608,7 @@ def average_over_processes(record):
     if not dist.is_initialized():
         return record
     keys = [k for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"]
-    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)  # on the CPU: gloo's part of the group
     dist.all_reduce(values)
     return {**record, **{k: v / dist.get_world_size() for k, v in zip(keys, values.tolist(), strict=True)}}
 
@@ -573,7 +623,8 @@ def train(cfg, backbone, method, log=print, name=None):
     """Fine-tune a fresh LoRA on `backbone` with one method of METHODS; returns its evaluation history (a list).
 
     Each iteration takes one optimizer step, accumulated over every trained denoising step, so the first (and only)
-    update after sampling is exactly on-policy: ratio == 1 and the PPO clip never binds. Flow-GRPO splits a batch
+    update after sampling is on-policy: ratio == 1 and the PPO clip never binds (exactly on the CPU; on a GPU, bf16
+    and other micro-batch shapes can move it slightly, and the logged ratio shows by how much). Flow-GRPO splits a batch
     into several optimizer steps; the clip range matters there. With cfg.resume it continues from the newest
     checkpoint of this run; Ctrl-C or SIGTERM writes one for the last finished iteration before it stops. `name`
     labels the run's checkpoints and images (default: the method). Under torchrun, each process trains on its own
@@ -582,8 +633,7 @@ def train(cfg, backbone, method, log=print, name=None):
     name, terms, train_cfg = name or method, METHODS[method], cfg.train
     P, G, T = cfg.sampling.prompts_per_iter, cfg.sampling.group_size, cfg.sampling.num_steps
     B, rank = P * G, rank_and_world()[0]
-    chunks = torch.arange(B).split(train_cfg.micro_batch or B)  # micro-batches; clustering and advantages see all B
-    sample_chunks = torch.arange(B).split(sampling_micro_batch(cfg) or B)  # no graph to keep: larger pieces
+    sample_chunks = torch.arange(B).split(sampling_micro_batch(cfg) or B)  # micro-batches; clustering sees all B
     torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn from the global RNG
     lora_params = add_lora(backbone.model, train_cfg.lora_rank, train_cfg.lora_alpha, backbone.lora_targets)
     optimizer = torch.optim.AdamW(lora_params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
@@ -594,11 +644,12 @@ def train(cfg, backbone, method, log=print, name=None):
                disable=None if rank == 0 else True)  # fmt: skip
     try:
         for iteration in bar:
+            stop_if_asked()  # a Ctrl-C or SIGTERM during the last iteration stops here, where the state is whole
             start = time.time()
             # 1. Sample P prompts (each process its own) and a group of G trajectories for each, with the SDE.
-            order = torch.randperm(len(backbone.prompts), generator=iteration_generator(cfg.seed, iteration))
+            order = torch.randperm(len(backbone.prompts), generator=iteration_generator(cfg.seed, iteration, 0))
             prompts = [backbone.prompts[p] for p in order[rank * P : (rank + 1) * P] for _ in range(G)]  # (B,)
-            generator = iteration_generator(cfg.seed, iteration, rank)
+            generator = iteration_generator(cfg.seed, iteration, 1, rank)
             cond = backbone.encode(prompts)
             latents, old_log_probs, samples = sample_batch(
                 backbone, cond, backbone.noise(B, generator), sigmas, cfg.sampling.noise_level, sample_chunks, generator
@@ -618,12 +669,14 @@ def train(cfg, backbone, method, log=print, name=None):
                 names = sorted({prompts[i] for i in dropped.nonzero().flatten().tolist()})
                 message = f"dropped {int(dropped.sum())} non-finite reward(s) of {names}"
                 warn(f"iteration {iteration}: {message}")
-            adv = group_advantages(fill_dropped(rewards, dropped, P, G), clip=train_cfg.adv_clip).reshape(B)
-            adv = adv.masked_fill(dropped, 0.0).to(latents.device)  # (P, G) -> (B,)
-            # 4. One loss per trained step and micro-batch, then one optimizer step (skipped if not finite).
+            adv = group_advantages(fill_dropped(rewards, dropped, P, G), clip=train_cfg.adv_clip)  # (P, G)
+            adv = adv.reshape(B).masked_fill(dropped, 0.0).to(latents.device)  # (P, G) -> (B,)
+            # 4. One loss per trained step and micro-batch, then one optimizer step (skipped if not finite). Dropped
+            #    samples are left out: A = 0 would not cancel a NaN in their log-prob.
             optimizer.zero_grad()
+            chunks = torch.arange(B)[~dropped].split(train_cfg.micro_batch or B)
             stats = policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigmas, chunks)
-            grad_norm = optimizer_step(optimizer, lora_params, train_cfg.max_grad_norm, stats["loss"] + stats["reg"])
+            grad_norm = optimizer_step(optimizer, lora_params, train_cfg.max_grad_norm)
             skipped = not math.isfinite(grad_norm)
             if skipped:
                 warn(f"iteration {iteration}: non-finite loss or gradient, update skipped")
@@ -643,8 +696,9 @@ def train(cfg, backbone, method, log=print, name=None):
                     torch.cuda.reset_peak_memory_stats()
                 if skipped_in_a_row >= max(train_cfg.eval_every, 3):  # nothing learned for a whole evaluation period
                     path = save_checkpoint(cfg, backbone, optimizer, name, done, history)  # the weights are still good
-                    raise RunError(f"every update since iteration {iteration - skipped_in_a_row} had a non-finite "
-                                   f"loss or gradient (wrote {path}); try a lower train.lr")  # fmt: skip
+                    first = iteration - skipped_in_a_row + 1
+                    message = f"updates {first}-{iteration} all had a non-finite loss or gradient (wrote {path})"
+                    raise RunError(f"{message}; try a lower train.lr in a new output_dir")
                 if rank == 0:
                     record.update(evaluate(cfg, backbone, image_path=_image_path(cfg, name, iteration)))
                     history.append(record)
@@ -655,8 +709,9 @@ def train(cfg, backbone, method, log=print, name=None):
                 period = new_period()
             if train_cfg.save_every and (iteration % train_cfg.save_every == 0 or iteration == train_cfg.iterations):
                 save_checkpoint(cfg, backbone, optimizer, name, done, history)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main() turns it into this)
-        # The weights and the optimizer only change in optimizer.step(), so `done` describes them exactly.
+        stop_if_asked()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see stop_if_asked), or an exception of that kind in a test
+        # Raised between iterations, or before this iteration's optimizer.step(): `done` describes the weights exactly.
         path = save_checkpoint(cfg, backbone, optimizer, name, done, history)
         tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
         raise
@@ -664,54 +719,6 @@ def train(cfg, backbone, method, log=print, name=None):
 
 
 # ---- 7. Backbones: the toy 2-D flow model (SD3 and FLUX follow in section 8) ----
-#
-# A backbone is a small object the loop calls:
-#   model                 the nn.Module carrying the LoRA adapters (the policy); adapters off = the reference
-#   prompts               the training prompts; eval_prompts the held-out ones
-#   encode(prompts)       -> a tuple of tensors with the batch first (the condition)
-#   velocity(x, sigma, cond) -> v, float32, (B, ...) like x
-#   noise(n, generator)   -> n initial latents x at sigma = 1
-#   decode(x)             -> samples: images in [0, 1], or the toy's points
-#   reward(samples, prompts) -> (B,) quality Q;  features(samples) -> (B, D), with feature_metric
-
-
-@contextlib.contextmanager
-def adapters_disabled(model):
-    """Run the base network: switch every peft LoRA layer off, and back on afterwards. This is the reference model.
-
-    Works for any module with peft adapters injected, diffusers transformers included (they have no such
-    context manager of their own).
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-
-
-def add_lora(model, rank, alpha, target_modules):
-    """Inject fresh LoRA adapters (peft) into `model` in place and freeze everything else; returns the LoRA params.
-
-    Gaussian A matrices, as Flow-GRPO initialises them, and zero B matrices, so the policy starts exactly at the
-    reference.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    model.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights="gaussian")
-    inject_adapter_in_model(config, model)
-    params = [p for name, p in model.named_parameters() if "lora_" in name]
-    for p in params:
-        # Trainable weights stay float32 even in a bf16 model (autocast handles the matmuls): in bf16, AdamW's
-        # second moment times 0.999 rounds back to itself and never decays, and weight decay underflows.
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    return params
 
 
 def _ring(n, radius):
@@ -805,8 +812,8 @@ class ToyBackbone:
                 warn(f"unreadable toy base cache {path} ({first_line(e)}); rebuilding it")
             self.model = pretrain_toy(cfg)
             os.makedirs(cfg.output_dir, exist_ok=True)
-            torch.save(self.model.state_dict(), path + ".tmp")
-            os.replace(path + ".tmp", path)
+            torch.save(self.model.state_dict(), f"{path}.{os.getpid()}.tmp")  # processes of torchrun each write
+            os.replace(f"{path}.{os.getpid()}.tmp", path)
         self.model.requires_grad_(False)  # the base is frozen; train() adds the LoRA
         self.lora_targets = ["fc1", "fc2", "fc3", "out"]
         self.device, self.shift = torch.device("cpu"), cfg.sampling.shift
@@ -935,8 +942,8 @@ class DiffusersBackbone:
 
     def __init__(self, cfg, transformer, vae, prompt_embeddings, reward_fn, embed_fn, prompts, eval_prompts):
         self.kind, self.cfg = cfg.backbone, cfg
-        # The base weights are frozen: only the LoRA trains, and no-grad-free analysis code builds no graph through
-        # them. The VAE decodes in float32, as in Flow-GRPO: the reward sees its pixels.
+        # The base weights are frozen: only the LoRA trains, and code that forgets torch.no_grad() builds no graph
+        # through them. The VAE decodes in float32, as in Flow-GRPO: the reward sees its pixels.
         self.model, self.vae = transformer.requires_grad_(False), vae.to(torch.float32).requires_grad_(False)
         self.prompt_embeddings, self.reward_fn, self.embed_fn = prompt_embeddings, reward_fn, embed_fn
         self.prompts, self.eval_prompts = prompts, eval_prompts
@@ -1339,7 +1346,7 @@ def save_checkpoint(cfg, backbone, optimizer, name, iteration, history):
 def load_checkpoint(cfg, name, backbone, optimizer):
     """Restore the newest readable checkpoint of run `name`; returns (history, iteration), or ([], 0) if none.
 
-    An unreadable checkpoint (a crash, a full disk) is skipped with a warning for the one before it. Training then
+    An unreadable checkpoint (a crash, a full disk) is set aside, with a warning, for the one before it. Training then
     continues exactly where it stopped: on the CPU, a resumed run's metrics equal an uninterrupted run's.
     """
     from peft import set_peft_model_state_dict
@@ -1355,7 +1362,9 @@ def load_checkpoint(cfg, name, backbone, optimizer):
             state = torch.load(path, map_location="cpu", weights_only=True)
             break
         except Exception as e:
-            warn(f"unreadable checkpoint {path} ({first_line(e)}); trying the one before")
+            warn(f"unreadable checkpoint {path} ({first_line(e)}); set aside as .unreadable, trying the one before")
+            if rank_and_world()[0] == 0:  # renamed, so that pruning never keeps it in place of a good one
+                os.replace(os.path.join(root, folder), os.path.join(root, folder + ".unreadable"))
     else:
         raise RunError(f"no readable checkpoint of {name}: delete {root} to train {name} afresh")
     set_peft_model_state_dict(backbone.model, state["lora"])
@@ -1370,7 +1379,9 @@ def start_or_resume(cfg, backbone, optimizer, name, method, log):
     history, done = load_checkpoint(cfg, name, backbone, optimizer) if cfg.resume else ([], 0)
     if rank_and_world()[0] != 0:
         return history, done
-    history = history or [dict(iteration=0, method=method, **evaluate(cfg, backbone))]
+    history = history or [
+        dict(iteration=0, method=method, **evaluate(cfg, backbone, image_path=_image_path(cfg, name, 0)))
+    ]
     for record in history:  # a resumed run rewrites the metrics it had, so metrics.jsonl never holds a line twice
         log(record)
     if done and history[-1]["iteration"] != done and (done % cfg.train.eval_every == 0 or done == cfg.train.iterations):
@@ -1388,26 +1399,34 @@ def _flat(tree, prefix=""):
     return out
 
 
-def claim_output_dir(cfg):
-    """Refuse a file, another run's config, or checkpoints without resume; then lock output_dir for this run.
-
-    A refused start changes nothing in the folder. Returns the open lock file: the lock lasts while it is open.
-    """
+def check_previous_run(cfg):
+    """Refuse another run's config (resume may extend iterations, eval_every and save_every), or checkpoints without
+    resume."""
     out, path = cfg.output_dir, os.path.join(cfg.output_dir, "config.json")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"output_dir {out} is a file, not a folder")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = _flat(json.load(f))
-        current = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))  # the same JSON types as the file's
-        extendable = ["resume"] + (["train.iterations", "train.eval_every", "train.save_every"] if cfg.resume else [])
-        changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
-        if changed := [k for k in changed if k not in extendable]:
-            raise ConfigError(f"output_dir {out} holds a run with another config (differs in: {', '.join(changed)});"
-                              " choose another output_dir or delete it")  # fmt: skip
+    current = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))  # the same JSON types as the file's
+    try:
+        previous = _flat(json.load(open(path))) if os.path.exists(path) else current
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"output_dir {out}: unreadable config.json ({first_line(e)}); delete it") from None
+    extendable = ["resume"] + (["train.iterations", "train.eval_every", "train.save_every"] if cfg.resume else [])
+    changed = [k for k in sorted(previous.keys() | current.keys()) if previous.get(k) != current.get(k)]
+    if changed := [k for k in changed if k not in extendable]:
+        raise ConfigError(f"output_dir {out} holds a run with another config (differs in: {', '.join(changed)});"
+                          " choose another output_dir or delete it")  # fmt: skip
     checkpoints = os.path.join(out, "checkpoints")
     if not cfg.resume and any(any(n.isdigit() for n in os.listdir(r)) for r, _, _ in os.walk(checkpoints)):
         raise ConfigError(f"output_dir {out} holds checkpoints: continue with --set resume=true, or delete them")
+
+
+def claim_output_dir(cfg):
+    """Lock output_dir for this run, then refuse a file, another run's config, or checkpoints without resume.
+
+    A refused start changes nothing in the folder (but for an empty .lock file). Returns the open lock file: the
+    lock lasts while it stays open.
+    """
+    out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output_dir {out} is a file, not a folder")
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "a")
@@ -1418,6 +1437,11 @@ def claim_output_dir(cfg):
     except BlockingIOError:
         lock.close()
         raise ConfigError(f"output_dir {out} is in use by another run: wait for it, or choose another") from None
+    try:
+        check_previous_run(cfg)
+    except ConfigError:
+        lock.close()  # refused: release the folder at once
+        raise
     return lock
 
 
@@ -1447,21 +1471,26 @@ def load_config(path, preset="toy", overrides=()):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    if os.path.isdir(path):
+        raise ConfigError(f"config {path} is a directory, not a YAML file")
     if not os.path.isfile(path):
-        raise ConfigError(
-            f"config {path} is a directory, not a YAML file"
-            if os.path.isdir(path)
-            else f"config file not found: {path}"
-        )
+        raise ConfigError(f"config file not found: {path}")
     try:
         presets = OmegaConf.to_container(OmegaConf.load(path))
     except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as e:
         raise ConfigError(f"{path}: invalid YAML ({first_line(e)})") from None
     chain, name = [], preset
     while name is not None:  # a preset over its base, over the base's base, ...
-        if not isinstance(presets, dict) or name not in presets or len(chain) > len(presets):
-            names = ", ".join(presets) if isinstance(presets, dict) else "none"
+        if (
+            not isinstance(presets, dict)
+            or not isinstance(name, str)
+            or name not in presets
+            or len(chain) > len(presets)
+        ):
+            names = ", ".join(map(str, presets)) if isinstance(presets, dict) else "none"
             raise ConfigError(f"unknown preset '{name}' in {path}, or a cycle of bases (presets: {names})")
+        if not isinstance(presets[name] or {}, dict):
+            raise ConfigError(f"preset '{name}' in {path}: expected a mapping of keys, got {presets[name]!r}"[:300])
         node = dict(presets[name] or {})
         name = node.pop("base", None)
         chain.insert(0, node)
@@ -1484,68 +1513,83 @@ def memory_gb(n):
 
 
 def validate(cfg):
-    """Reject impossible values and combinations, before any work, with one line that names the key."""
-    samp, tr, div, model, toy = cfg.sampling, cfg.train, cfg.diverse, cfg.model, cfg.toy
+    """Reject impossible values and combinations, before any work, with one line that names the key and its value."""
+    samp, model, image = cfg.sampling, cfg.model, cfg.backbone != "toy"
     for key in ("prompts_file", "eval_prompts_file"):
         path = getattr(model, key)
-        if path and not (os.path.isfile(path) and read_prompts(path)):
-            raise ConfigError(f"model.{key}: no such file, or no prompts in it: {path}")
-    prompts = (
-        TOY_PROMPTS
-        if cfg.backbone == "toy"
-        else read_prompts(model.prompts_file)
-        if model.prompts_file
-        else model.prompts
-    )
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    world, image = int(os.environ.get("WORLD_SIZE", 1)), cfg.backbone != "toy"
-    checks = [  # (key, what must hold, what it must be)
-        ("experiment", cfg.experiment in EXPERIMENTS, ", ".join(EXPERIMENTS)),
-        ("backbone", cfg.backbone in ("toy", "sd3", "flux"), "toy, sd3 or flux"),
-        ("dtype", cfg.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
-        ("seed", all(type(s) is int and 0 <= s < 2**32 for s in [cfg.seed, *cfg.analysis.seeds]), "in [0, 2**32)"),
-        ("output_dir", cfg.output_dir != "", "a folder"),
-        ("methods", cfg.methods and all(m in METHODS for m in cfg.methods), f"a list of {', '.join(METHODS)}"),
-        ("methods", len(set(cfg.methods)) == len(cfg.methods), "a list without repeats"),
-        ("train.kl_beta", "grpo_kl" not in cfg.methods or tr.kl_beta > 0, "positive for the grpo_kl method"),
-        ("sampling.group_size", samp.group_size >= 2, "at least 2"),
-        ("sampling.num_steps", samp.num_steps >= 2, "at least 2 (the last step is never trained)"),
-        ("sampling.eval_num_steps", samp.eval_num_steps >= 1, "at least 1"),
-        ("sampling.eval_samples", samp.eval_samples >= 2, "at least 2 (diversity needs pairs)"),
-        ("sampling.prompts_per_iter", 1 <= samp.prompts_per_iter * world <= max(len(prompts), 1),
-         f"at least 1, and times {world} process(es) at most the {len(prompts)} training prompts"),
-        ("sampling.noise_level", 0 < samp.noise_level < 2, "in (0, 2) to train (0 is the ODE)"),
-        ("sampling.shift", samp.shift > 0, "positive"),
-        ("train.lr", math.isfinite(tr.lr) and tr.lr > 0, "a positive number"),
-        ("train.iterations", min(tr.iterations, tr.eval_every) >= 1, "at least 1, and so must train.eval_every"),
-        ("train.clip_range", min(tr.clip_range, tr.adv_clip, tr.max_grad_norm) > 0, "positive (adv_clip, max_grad_norm)"),  # noqa: E501
-        ("diverse.beta", min(tr.kl_beta, div.beta, div.lambda_w) >= 0, "not negative, nor may kl_beta and lambda_w be"),
-        ("train.lora_rank", tr.lora_rank >= 1 and tr.lora_alpha > 0, "at least 1, and lora_alpha positive"),
-        ("train.micro_batch", min(tr.micro_batch, samp.micro_batch, tr.save_every) >= 0, "not negative (and the rest)"),
-        ("train.keep_checkpoints", tr.keep_checkpoints >= 1, "at least 1"),
-        ("diverse.K", 0 <= div.K <= samp.num_steps - 1, f"in [0, {samp.num_steps - 1}], the trained steps"),
-        ("diverse.n_clusters", div.n_clusters == "auto" or type(div.n_clusters) is int and 0 < div.n_clusters < samp.group_size,  # noqa: E501
-         f"'auto' or an integer in [1, sampling.group_size = {samp.group_size})"),
-        ("diverse.sigma", div.sigma is None or div.sigma > 0, "positive, or null for local scaling"),
-        ("diverse.max_clusters", div.max_clusters >= 1, "at least 1"),
-        ("sampling.group_size", memory_gb(samp.group_size) < memory / 2,
+        try:
+            readable = not path or bool(read_prompts(path))
+        except (OSError, UnicodeDecodeError):
+            readable = False
+        if not readable:
+            raise ConfigError(f"model.{key}: no such file, an unreadable one, or no prompts in it: {path}")
+    prompts = TOY_PROMPTS if not image else read_prompts(model.prompts_file) if model.prompts_file else model.prompts
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30  # GB of RAM
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
+    positive = (lambda v: v > 0, "positive")
+    at_least_1 = (lambda v: v >= 1, "at least 1")
+    not_negative = (lambda v: v >= 0, "not negative")
+    rules = [  # (key, what its value v must satisfy, what it must be); checked in order
+        ("experiment", lambda v: v in EXPERIMENTS, ", ".join(EXPERIMENTS)),
+        ("backbone", lambda v: v in ("toy", "sd3", "flux"), "toy, sd3 or flux"),
+        ("dtype", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
+        ("device", lambda v: image or (v, cfg.dtype) == ("cpu", "float32"), "cpu, in float32, for the toy"),
+        ("seed", lambda v: type(v) is int and 0 <= v < 2**32, "an integer in [0, 2**32), as numpy and sklearn need"),
+        ("analysis.seeds", lambda v: all(type(s) is int and 0 <= s < 2**32 for s in v), "integers in [0, 2**32)"),
+        ("output_dir", lambda v: v, "a folder"),
+        ("methods", lambda v: v and all(m in METHODS for m in v) and len(set(v)) == len(v),
+         f"a list of {', '.join(METHODS)}, none twice"),
+        ("sampling.group_size", lambda v: v >= 2, "at least 2"),
+        ("sampling.group_size", lambda v: memory_gb(v) < memory / 2,
          f"smaller: its bonus needs ~{memory_gb(samp.group_size):.0f} GB, this machine has {memory:.0f}"),
-        ("sampling.eval_samples", memory_gb(samp.eval_samples) < memory / 2,
+        ("sampling.num_steps", lambda v: v >= 2, "at least 2 (the last step is never trained)"),
+        ("sampling.eval_num_steps", *at_least_1),
+        ("sampling.eval_samples", lambda v: v >= 2, "at least 2 (diversity needs pairs)"),
+        ("sampling.eval_samples", lambda v: memory_gb(v) < memory / 2,
          f"smaller: scoring them needs ~{memory_gb(samp.eval_samples):.0f} GB, this machine has {memory:.0f}"),
-        ("device", image or (cfg.device, cfg.dtype) == ("cpu", "float32"), "cpu, in float32, for the toy"),
-        ("toy.hidden", min(toy.hidden, toy.pretrain_iters, toy.pretrain_batch) > 0, "at least 1 (and pretrain_*)"),
-        ("toy.mode_std", min(toy.reward_width, toy.mode_std, toy.pretrain_lr) > 0, "positive (and reward_width, lr)"),
-        ("model.pretrained", not image or model.pretrained, "a hub name or a local folder"),
-        ("model.reward", model.reward in ("pickscore", "hpsv3"), "pickscore or hpsv3"),
-        ("model.resolution", model.resolution > 0 and model.resolution % 16 == 0, "a multiple of 16"),
-        ("model.prompts", not image or prompts, "a list, or give model.prompts_file"),
-        ("model.eval_prompts", not image or model.eval_prompts or model.eval_prompts_file, "a list (or a file)"),
-        ("model.reward", not image or model.reward != "hpsv3" or importlib.util.find_spec("hpsv3"),
+        ("sampling.prompts_per_iter", lambda v: 1 <= v * world <= max(len(prompts), 1),
+         f"at least 1, and times {world} process(es) at most the {len(prompts)} training prompts"),
+        ("sampling.noise_level", lambda v: 0 < v < 2, "in (0, 2) to train (0 is the ODE)"),
+        ("sampling.shift", *positive),
+        ("sampling.micro_batch", *not_negative),
+        ("train.iterations", *at_least_1),
+        ("train.lr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
+        ("train.weight_decay", *not_negative),
+        ("train.clip_range", *positive),
+        ("train.adv_clip", *positive),
+        ("train.max_grad_norm", *positive),
+        ("train.kl_beta", *not_negative),
+        ("train.kl_beta", lambda v: "grpo_kl" not in cfg.methods or v > 0, "positive for the grpo_kl method"),
+        ("train.lora_rank", *at_least_1),
+        ("train.lora_alpha", *positive),
+        ("train.eval_every", *at_least_1),
+        ("train.micro_batch", *not_negative),
+        ("train.save_every", *not_negative),
+        ("train.keep_checkpoints", *at_least_1),
+        ("diverse.beta", *not_negative),
+        ("diverse.n_clusters", lambda v: v == "auto" or type(v) is int and 0 < v < samp.group_size,
+         f"'auto' or an integer in [1, sampling.group_size = {samp.group_size})"),
+        ("diverse.sigma", lambda v: v is None or v > 0, "positive, or null for local scaling"),
+        ("diverse.K", lambda v: 0 <= v <= samp.num_steps - 1, f"in [0, {samp.num_steps - 1}], the trained steps"),
+        ("diverse.lambda_w", *not_negative),
+        ("diverse.max_clusters", *at_least_1),
+        *[(f"toy.{key}", *at_least_1) for key in ("pretrain_iters", "pretrain_batch", "hidden")],
+        *[(f"toy.{key}", *positive) for key in ("pretrain_lr", "mode_std", "reward_width")],
+        ("model.pretrained", lambda v: not image or v, "a hub name or a local folder"),
+        ("model.resolution", lambda v: v > 0 and v % 16 == 0, "a multiple of 16"),
+        ("model.reward", lambda v: v in ("pickscore", "hpsv3"), "pickscore or hpsv3"),
+        ("model.reward", lambda v: not image or v != "hpsv3" or importlib.util.find_spec("hpsv3"),
          "pickscore here: hpsv3 needs the hpsv3 package (pip install hpsv3; see README)"),
+        ("model.prompts", lambda v: not image or prompts, "a list, or give model.prompts_file"),
+        ("model.eval_prompts", lambda v: not image or v or model.eval_prompts_file, "a list (or a file)"),
     ]  # fmt: skip
-    for key, ok, requirement in checks:
-        if not ok:
-            value = functools.reduce(getattr, key.split("."), cfg)
+    for key, ok, requirement in rules:
+        value = functools.reduce(getattr, key.split("."), cfg)
+        try:
+            good = ok(value)
+        except (TypeError, ValueError):  # a value of a type the check cannot compare, such as a list of lists
+            good = False
+        if not good:
             raise ConfigError(f"{key}: must be {requirement}, got {value!r}"[:300])
 
 
@@ -1560,9 +1604,12 @@ def make_log(cfg, files):
     """
 
     def log(record):
-        if not files:
-            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+        if not files:  # training has started: now the previous run's files give way
+            with open(os.path.join(cfg.output_dir, "config.json.tmp"), "w") as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=1)
+            os.replace(os.path.join(cfg.output_dir, "config.json.tmp"), os.path.join(cfg.output_dir, "config.json"))
+            with contextlib.suppress(FileNotFoundError):  # a crash must not leave the previous run's summary behind
+                os.remove(os.path.join(cfg.output_dir, "summary.json"))
             files["metrics"] = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w")
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -1571,7 +1618,8 @@ def make_log(cfg, files):
         files["metrics"].write(json.dumps(record) + "\n")
         files["metrics"].flush()
         keys = ["reward", "diversity", "vendi", "modes", "clusters", "loss", "skipped_updates", "dropped_rewards"]
-        shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if record.get(k))
+        keys = [k for k in keys if k in record and (record[k] or k not in ("skipped_updates", "dropped_rewards"))]
+        shown = " ".join(f"{k}={record[k]:.4g}" for k in keys)
         tqdm.write(f"{record['method']} it {record['iteration']}: {shown}"[:120])
         if "tensorboard" in files:
             for key, value in record.items():
@@ -1625,23 +1673,36 @@ def run(cfg):
 
 
 def setup_processes(cfg):
-    """Under torchrun: join the process group (NCCL on GPUs, gloo on the CPU), one GPU per process."""
+    """Under torchrun: join the process group, one GPU per process (NCCL for CUDA tensors, gloo for CPU ones)."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return
     if cfg.device.startswith("cuda") and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", 1)):
         raise ConfigError(f"device: {cfg.device} with NCCL needs a GPU per process; {torch.cuda.device_count()} found")
     if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(cfg.device)
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this process's GPU
+    # Process 0 evaluates while the others wait in the next all-reduce: allow an evaluation far longer than the default.
+    backend = "cpu:gloo,cuda:nccl" if cfg.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what `timeout` and schedulers send), handled like Ctrl-C: a checkpoint, one line, exit 143."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+STOP_SIGNALS = []  # the signals that asked this process to stop; main() installs the handler
+
+
+def _ask_to_stop(signum, frame):
+    if STOP_SIGNALS:  # asked twice: stop at once
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    STOP_SIGNALS.append(signum)
+
+
+def stop_if_asked():
+    """Raise the stop that a signal asked for. train() calls it between iterations, so that the checkpoint it then
+    writes never holds half an optimizer step."""
+    if STOP_SIGNALS:
+        raise Terminated() if STOP_SIGNALS[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def main(argv=None):
@@ -1658,7 +1719,6 @@ def main(argv=None):
         "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=1e-3; repeatable"
     )
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cfg = load_config(args.config, args.preset, args.set)
         if cfg.experiment != "compare":
@@ -1674,6 +1734,7 @@ def main(argv=None):
     defaults, settings = _flat(dataclasses.asdict(Config())), _flat(dataclasses.asdict(cfg))
     changed = [f"  {k} = {v}" for k, v in settings.items() if defaults.get(k) != v and not k.endswith("prompts")]
     print(f"preset {args.preset}; settings that differ from the defaults:", *changed, sep="\n")
+    handlers = {signum: signal.signal(signum, _ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         run(cfg)
     except RunError as e:
@@ -1682,6 +1743,12 @@ def main(argv=None):
     except KeyboardInterrupt as e:
         print("error: terminated" if isinstance(e, Terminated) else "error: interrupted", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        STOP_SIGNALS.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

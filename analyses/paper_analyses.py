@@ -12,6 +12,8 @@ logged record, with its "run" and "seed"), summary.json and a figure to the pres
               still are after s shared steps, and (toy) how often two branches end in the same mode: how much of
               the mode choice the first s steps decide.
   bonus_cost  wall time of the creativity bonus as the group grows, dense against arpack eigengap (toy only).
+  bonus_rules planted groups in DreamSim's cosine geometry and the toy's: how often the bonus rewards the rarest
+              mode, with the median bandwidth and with the local scaling every preset uses (no training).
 
 Run     python analyses/paper_analyses.py --config configs.yaml --preset ablation
         python analyses/paper_analyses.py --preset branching --set analysis.trunks=4
@@ -263,7 +265,7 @@ def base_model_groups(cfg, backbone):
     Sampled in micro-batches without autograd: on SD3 or FLUX a graph through every step would not fit.
     """
     G, sigmas = cfg.sampling.group_size, backbone.sigmas(cfg.sampling.num_steps)
-    chunks = torch.arange(G).split(cfg.train.micro_batch or G)
+    chunks = torch.arange(G).split(dg.sampling_micro_batch(cfg) or G)
     generator = torch.Generator().manual_seed(cfg.seed)
     groups = []
     with torch.no_grad():
@@ -319,7 +321,7 @@ def branching_curves(cfg, backbone, prompt, measures, generator):
     """
     branches, noise_level = cfg.sampling.group_size, cfg.sampling.noise_level
     sigmas = backbone.sigmas(cfg.sampling.num_steps)
-    T, chunks = len(sigmas) - 1, torch.arange(branches).split(cfg.train.micro_batch or branches)
+    T, chunks = len(sigmas) - 1, torch.arange(branches).split(dg.sampling_micro_batch(cfg) or branches)
     cond = backbone.encode([prompt] * branches)
     # Drawn once, so every s branches off the same trunks and the curve moves with s alone.
     trunk_seeds = torch.randint(2**31, (cfg.analysis.trunks,), generator=generator).tolist()
@@ -513,10 +515,12 @@ def bonus_rules(cfg, log, draws=10):
                     features, modes = planted_group(sizes, geometry, scale, generator)
                     distances = dg.pairwise_distances(features, metric)
                     sigma = bandwidth(distances) if bandwidth else None
-                    bonus, labels = dg.creativity_bonus(distances, cfg.diverse.n_clusters, sigma, cfg.seed)
+                    bonus, labels = dg.creativity_bonus(
+                        distances, cfg.diverse.n_clusters, sigma, cfg.seed, cfg.diverse.max_clusters
+                    )
                     ratio, win = rare_and_common(bonus, modes)
                     ratios, wins, k1 = ratios + [ratio], wins + [win], k1 + [labels.max().item() == 0]
-            row = dict(geometry=f"{geometry} x{scale:g}", rule=rule, rare_wins=float(np.mean(wins)),
+            row = dict(run=rule, seed=cfg.seed, geometry=f"{geometry} x{scale:g}", rare_wins=float(np.mean(wins)),
                        rare_bonus_of_ideal=float(np.mean(ratios)), k1_share=float(np.mean(k1)))  # fmt: skip
             log(row)
             rows.append(row)
@@ -529,7 +533,7 @@ def bonus_rules(cfg, log, draws=10):
     print(f"{'geometry':<14}{'rule':<15}{'rare wins':>10}{'of ideal':>10}{'k = 1':>8}")
     for r in rows:
         print(
-            f"{r['geometry']:<14}{r['rule']:<15}{r['rare_wins']:>10.0%}{r['rare_bonus_of_ideal']:>10.2f}{r['k1_share']:>8.0%}"
+            f"{r['geometry']:<14}{r['run']:<15}{r['rare_wins']:>10.0%}{r['rare_bonus_of_ideal']:>10.2f}{r['k1_share']:>8.0%}"
         )
     return dict(table=rows)
 
@@ -646,7 +650,8 @@ def main(argv=None):
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a value, e.g. analysis.trunks=4"
     )
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, dg._raise_terminated)  # a training run checkpoints on SIGTERM as on Ctrl-C
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a training run checkpoints on SIGTERM as on Ctrl-C
+        signal.signal(signum, dg._ask_to_stop)
     try:
         cfg = load_config(args.config, args.preset, args.set)
         lock = dg.claim_output_dir(cfg)  # noqa: F841 (held until exit)
