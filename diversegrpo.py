@@ -1364,6 +1364,7 @@ def load_checkpoint(cfg, name, backbone, optimizer):
         except Exception as e:
             warn(f"unreadable checkpoint {path} ({first_line(e)}); set aside as .unreadable, trying the one before")
             if rank_and_world()[0] == 0:  # renamed, so that pruning never keeps it in place of a good one
+                shutil.rmtree(os.path.join(root, folder + ".unreadable"), ignore_errors=True)  # an older one
                 os.replace(os.path.join(root, folder), os.path.join(root, folder + ".unreadable"))
     else:
         raise RunError(f"no readable checkpoint of {name}: delete {root} to train {name} afresh")

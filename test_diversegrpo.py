@@ -990,23 +990,31 @@ def test_resume_with_nothing_to_resume_starts_fresh(tmp_path, capsys):
 
 
 def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
-    cfg = _tiny_cfg(tmp_path, "train.save_every=1", "methods=[grpo]")
-    dg.train(cfg, dg.ToyBackbone(cfg), "grpo", log=_quiet)
-    root = tmp_path / "checkpoints" / "grpo"
+    args = ["--set", f"output_dir={tmp_path / 'run'}", *_sets(*TINY, "methods=[grpo]", "train.save_every=1")]
+    dg.main(args)
+    dg.run(_tiny_cfg(tmp_path / "straight", "methods=[grpo]", "train.save_every=1"))
+    root = tmp_path / "run" / "checkpoints" / "grpo-seed0"
     newest = root / "000003" / "training_state.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a crash halfway through a copy
-    resumed = dg.load_checkpoint(_tiny_cfg(tmp_path, "train.save_every=1", "resume=true"), "grpo",
-                                 *_fresh_lora_and_optimizer(cfg))  # fmt: skip
-    assert resumed[1] == 2 and f"unreadable checkpoint {newest}" in capsys.readouterr().err
-    (root / "000002" / "training_state.pt").write_bytes(b"")
-    with pytest.raises(dg.RunError, match=f"delete {root}"):
-        dg.load_checkpoint(cfg, "grpo", *_fresh_lora_and_optimizer(cfg))
-
-
-def _fresh_lora_and_optimizer(cfg):
-    backbone = dg.ToyBackbone(cfg)
-    params = dg.add_lora(backbone.model, cfg.train.lora_rank, cfg.train.lora_alpha, backbone.lora_targets)
-    return backbone, torch.optim.AdamW(params)
+    capsys.readouterr()
+    dg.main([*args, "--set", "resume=true"])  # resumes from 000002 and redoes iteration 3
+    assert f"unreadable checkpoint {newest}" in capsys.readouterr().err
+    assert _metrics(tmp_path / "run" / "metrics.jsonl") == _metrics(tmp_path / "straight" / "metrics.jsonl")
+    for folder in root.iterdir():  # now every checkpoint is unreadable: one line, exit 1, the run's files untouched
+        if folder.name.isdigit():
+            (folder / "training_state.pt").write_bytes(b"")
+    before = _files(tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        dg.main([*args, "--set", "resume=true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        exit_info.value.code == 1
+        and err[-1].startswith("error: no readable checkpoint")
+        and f"delete {root}" in err[-1]
+    )
+    assert {k: v for k, v in _files(tmp_path / "run").items() if "checkpoints" not in str(k)} == {
+        k: v for k, v in before.items() if "checkpoints" not in str(k)
+    }
 
 
 def test_a_corrupt_toy_cache_is_rebuilt(tmp_path, capsys):
