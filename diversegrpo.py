@@ -548,7 +548,7 @@ def policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigma
     share of the batch and of the trained steps; the last step's std is ~0, so it is never trained.
     """
     T, B, diverse = len(sigmas) - 1, len(adv), cfg.diverse
-    stats = dict(loss=0.0, reg=0.0, ratio=0.0)
+    stats = dict(loss=0.0, reg=0.0, ratio=0.0, clipped=0.0)
     for i in range(T - 1):
         for c in chunks:
             x, x_next, c_cond = latents[c, i], latents[c, i + 1], _select(cond, c)
@@ -570,7 +570,9 @@ def policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigma
             ((loss + reg) * weight).backward()
             stats["loss"] += loss.item() * weight
             stats["reg"] += reg.item() * weight
-            stats["ratio"] += torch.exp(log_prob - old_log_probs[c, i]).mean().item() * weight
+            ratio = torch.exp(log_prob - old_log_probs[c, i]).detach()
+            stats["ratio"] += ratio.mean().item() * weight
+            stats["clipped"] += ((ratio - 1).abs() > cfg.train.clip_range).float().mean().item() * weight  # no gradient
     return stats
 
 

@@ -401,7 +401,7 @@ def test_toy_training_changes_only_lora_and_stays_finite(tmp_path):
             assert torch.equal(value, base[name.replace(".base_layer", "")]), name
     for record in history[1:]:
         assert all(math.isfinite(record[k]) for k in ("loss", "reg", "reward", "diversity"))
-        assert abs(record["ratio"] - 1) < 1e-6  # one on-policy update per iteration
+        assert abs(record["ratio"] - 1) < 1e-6 and record["clipped"] == 0  # one on-policy update per iteration
         assert 1 <= record["clusters"] <= cfg.sampling.group_size - 1 and 0 <= record["k1_share"] <= 1
 
 
