@@ -542,7 +542,7 @@ def fill_dropped(rewards, dropped, P, G):
 
 
 def policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigmas, chunks):
-    """Back-propagate step_loss for every trained step and micro-batch; returns the mean loss, reg and ratio.
+    """Back-propagate step_loss for every trained step and micro-batch; returns the mean loss, reg, ratio, clipped.
 
     Each backward frees its graph, so only one forward's graph is alive at a time. Each piece is weighted by its
     share of the batch and of the trained steps; the last step's std is ~0, so it is never trained.
@@ -1600,6 +1600,19 @@ def build_backbone(cfg):
     return ToyBackbone(cfg) if cfg.backbone == "toy" else load_diffusers_backbone(cfg)
 
 
+def train_fresh(cfg, method, log, name):
+    """train() a fresh copy of the base model; returns (history, the toy's final ODE samples, or None elsewhere).
+
+    The toy's figure needs samples, which the JSON history does not keep: re-evaluating gives the same samples as the
+    last evaluation (fixed noises) and costs the toy about 0.1 s. The backbone is freed on return, before the next
+    run loads its own copy.
+    """
+    backbone = build_backbone(cfg)
+    history = train(cfg, backbone, method, log, name)
+    toy = isinstance(backbone, ToyBackbone) and rank_and_world()[0] == 0
+    return history, evaluate(cfg, backbone, return_samples=True)[1] if toy else None
+
+
 def make_log(cfg, files):
     """log(record): every number to metrics.jsonl, one short line to the terminal, and TensorBoard if asked.
 
@@ -1646,13 +1659,8 @@ def run(cfg):
     start, histories, final_samples, files = time.time(), {}, {}, {}
     log, rank = make_log(cfg, files), rank_and_world()[0]
     for method in cfg.methods:
-        backbone = build_backbone(cfg)  # a fresh copy of the base model
-        histories[method] = [train(cfg, backbone, method, log, name=f"{method}-seed{cfg.seed}")]
-        if isinstance(backbone, ToyBackbone) and rank == 0:
-            # The figure needs samples, which the JSON history does not keep. Re-evaluating gives the same samples as
-            # the last evaluation (fixed noises) and costs the toy about 0.1 s.
-            final_samples[method] = evaluate(cfg, backbone, return_samples=True)[1]
-        del backbone  # free the GPU before the next method loads its own copy
+        history, final_samples[method] = train_fresh(cfg, method, log, name=f"{method}-seed{cfg.seed}")
+        histories[method] = [history]
     if rank != 0:
         return None
     rows = matched_quality_table(histories, baseline=cfg.methods[0])

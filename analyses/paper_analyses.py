@@ -125,17 +125,13 @@ def train_variants(cfg, variants, log):
     for seed in cfg.analysis.seeds or [cfg.seed]:
         for label, method, changes in variants:
             variant = with_changes(cfg, {"seed": seed, **changes})
-            backbone = dg.build_backbone(variant)  # a fresh copy of the seed's base model
 
             def run_log(record, label=label, seed=seed):
                 log({"run": label, "seed": seed, **record})
 
-            histories[label].append(dg.train(variant, backbone, method, run_log, name=f"{label}-seed{seed}"))
-            if isinstance(backbone, dg.ToyBackbone) and label not in final_samples:
-                # The figure needs samples, which the JSON history does not keep. Re-evaluating gives the same samples
-                # as train()'s last evaluation (fixed noises) and costs the toy about 0.1 s.
-                final_samples[label] = dg.evaluate(variant, backbone, return_samples=True)[1]
-            del backbone  # free the GPU before the next variant loads its own copy of the models
+            history, samples = dg.train_fresh(variant, method, run_log, name=f"{label}-seed{seed}")
+            histories[label].append(history)
+            final_samples.setdefault(label, samples)  # the first seed's
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return histories, final_samples
