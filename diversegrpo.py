@@ -10,7 +10,7 @@ better ones. Late in training every image of a prompt looks the same (mode colla
   2. a structure-aware regularizer: a squared-W2 pull towards the frozen reference on the first K (noisiest)
      denoising steps only, where an image's composition is decided, and no constraint after.
 
-Run     python diversegrpo.py --config configs.yaml                 (a 2-D toy, CPU, about half a minute)
+Run     python diversegrpo.py --config configs.yaml                 (a 2-D toy, CPU, about 40 seconds)
         python diversegrpo.py --config configs.yaml --preset sd3_pickscore
         torchrun --nproc_per_node N diversegrpo.py --config configs.yaml --preset sd3_pickscore
 Test    python -m pytest -q test_diversegrpo.py
