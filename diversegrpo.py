@@ -1617,6 +1617,7 @@ def make_log(cfg, files):
     """log(record): every number to metrics.jsonl, one short line to the terminal, and TensorBoard if asked.
 
     The previous run's config.json and metrics.jsonl are replaced at the first record, once training has started.
+    `files` collects the open files, for the caller to close.
     """
 
     def log(record):
@@ -1633,19 +1634,21 @@ def make_log(cfg, files):
                 files["tensorboard"] = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
         files["metrics"].write(json.dumps(record) + "\n")
         files["metrics"].flush()
+        if "iteration" not in record:  # an analysis's table row: every value
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            return
         keys = ["reward", "diversity", "vendi", "modes", "clusters", "loss", "skipped_updates", "dropped_rewards"]
         keys = [k for k in keys if k in record and (record[k] or k not in ("skipped_updates", "dropped_rewards"))]
         shown = " ".join(f"{k}={record[k]:.4g}" for k in keys)
-        tqdm.write(f"{record['method']} it {record['iteration']}: {shown}"[:120])
+        run = f"{record['run']}-seed{record['seed']}" if "run" in record else record["method"]  # analyses' label
+        tqdm.write(f"{run} it {record['iteration']}: {shown}"[:120])
         if "tensorboard" in files:
             for key, value in record.items():
                 if isinstance(value, (int, float)):
-                    files["tensorboard"].add_scalar(f"{record['method']}/{key}", value, record["iteration"])
+                    files["tensorboard"].add_scalar(f"{run}/{key}", value, record["iteration"])
             if "images" in record:  # the image backbones' grid of this evaluation
                 image = _pyplot().imread(record["images"])[..., :3]
-                files["tensorboard"].add_image(
-                    f"{record['method']}/samples", image, record["iteration"], dataformats="HWC"
-                )
+                files["tensorboard"].add_image(f"{run}/samples", image, record["iteration"], dataformats="HWC")
 
     return log
 

@@ -22,7 +22,6 @@ The training itself (GRPO, the bonus, the regularizer) is diversegrpo.py's; this
 
 import argparse
 import copy
-import dataclasses
 import functools
 import json
 import os
@@ -32,7 +31,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # diversegrpo.py sits one folder up, wherever this is run from
@@ -606,32 +604,21 @@ ANALYSES = {
     "bonus_cost": bonus_cost,
     "bonus_rules": bonus_rules,
 }
-SHOWN = ["reward", "diversity", "vendi", "modes", "clusters", "loss", "skipped_updates", "dropped_rewards"]
 
 
 def run_analysis(cfg):
-    """Run cfg.experiment; writes config.json, metrics.jsonl, summary.json and its figure to output_dir."""
-    out = cfg.output_dir
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:  # what claim_output_dir compares a later run against
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    start = time.time()
-    with open(os.path.join(out, "metrics.jsonl"), "w") as metrics:  # a resumed run logs every record again
+    """Run cfg.experiment; writes config.json, metrics.jsonl, summary.json and its figure to output_dir.
 
-        def log(record):
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if "iteration" in record:  # a training record: the terminal gets the headline numbers
-                shown = " ".join(f"{k}={record[k]:.4g}" for k in SHOWN if record.get(k))
-                tqdm.write(f"{record['run']} seed {record['seed']} it {record['iteration']}: {shown}"[:120])
-            else:
-                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-
-        summary = dict(experiment=cfg.experiment, **ANALYSES[cfg.experiment](cfg, log))
+    The logging is diversegrpo's: a previous run's files give way only at the first record.
+    """
+    start, files = time.time(), {}
+    summary = dict(experiment=cfg.experiment, **ANALYSES[cfg.experiment](cfg, dg.make_log(cfg, files)))
     summary["wall_seconds"] = time.time() - start
-    with open(os.path.join(out, "summary.json"), "w") as f:
+    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\nwrote metrics.jsonl, summary.json and figures to {out} ({summary['wall_seconds']:.1f} s)")
+    for handle in files.values():
+        handle.close()
+    print(f"\nwrote metrics.jsonl, summary.json and figures to {cfg.output_dir} ({summary['wall_seconds']:.1f} s)")
     return summary
 
 
