@@ -1677,7 +1677,12 @@ def run(cfg):
         plot_toy(path, evaluate(cfg, build_backbone(cfg), return_samples=True)[1], final_samples, histories, title)
         if "tensorboard" in files:
             files["tensorboard"].add_image("toy", _pyplot().imread(path)[..., :3], dataformats="HWC")
-    summary = dict(seed=cfg.seed, methods=cfg.methods, table=rows, final=final, wall_seconds=time.time() - start)
+    return finish(cfg, dict(seed=cfg.seed, methods=cfg.methods, table=rows, final=final), start, files)
+
+
+def finish(cfg, summary, start, files):
+    """Write summary.json (with the wall time since `start`), close the log's files, and say where everything went."""
+    summary["wall_seconds"] = time.time() - start
     with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     for handle in files.values():

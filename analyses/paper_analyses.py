@@ -23,7 +23,6 @@ The training itself (GRPO, the bonus, the regularizer) is diversegrpo.py's; this
 import argparse
 import copy
 import functools
-import json
 import os
 import signal
 import sys
@@ -613,13 +612,7 @@ def run_analysis(cfg):
     """
     start, files = time.time(), {}
     summary = dict(experiment=cfg.experiment, **ANALYSES[cfg.experiment](cfg, dg.make_log(cfg, files)))
-    summary["wall_seconds"] = time.time() - start
-    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    for handle in files.values():
-        handle.close()
-    print(f"\nwrote metrics.jsonl, summary.json and figures to {cfg.output_dir} ({summary['wall_seconds']:.1f} s)")
-    return summary
+    return dg.finish(cfg, summary, start, files)
 
 
 def main(argv=None):
