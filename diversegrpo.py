@@ -1756,6 +1756,8 @@ def main(argv=None):
     handlers = {signum: signal.signal(signum, _ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         run(cfg)
+        if dist.is_initialized():  # the others wait for process 0's last evaluation before they all leave the group
+            dist.barrier()
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
