@@ -473,11 +473,7 @@ def iteration_generator(*keys):
 
 @contextlib.contextmanager
 def adapters_disabled(model):
-    """Run the base network: switch every peft LoRA layer off, and back on afterwards. This is the reference model.
-
-    Works for any module with peft adapters injected, diffusers transformers included (they have no such
-    context manager of their own).
-    """
+    """The reference model: every peft LoRA layer of `model` off, then on again (diffusers has no such switch)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
@@ -971,13 +967,8 @@ class DiffusersBackbone:
         return tuple(torch.stack(part).to(self.device) for part in parts)  # B x (L, D) -> (B, L, D), and so on
 
     def noise(self, n, generator):
-        shape = (
-            n,
-            self.model.config.in_channels // (4 if self.kind == "flux" else 1),
-            self.latent_size,
-            self.latent_size,
-        )
-        return torch.randn(shape, generator=generator).to(self.device)
+        channels = self.model.config.in_channels // (4 if self.kind == "flux" else 1)  # FLUX counts packed 2x2 tokens
+        return torch.randn(n, channels, self.latent_size, self.latent_size, generator=generator).to(self.device)
 
     def velocity(self, x, sigma, cond):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -1037,20 +1028,14 @@ def load_diffusers_backbone(cfg):
     embeddings = {}
     with torch.no_grad():
         for prompt in tqdm(sorted(set(prompts) | set(eval_prompts)), desc="encode prompts", leave=False, disable=None):
+            # T5 at 128 tokens, as in Flow-GRPO (diffusers' default: 512). SD3 has no text mask: padding counts.
+            kwargs = dict(prompt_2=None, device=cfg.device, max_sequence_length=128)
             if cfg.backbone == "flux":
-                # T5 at 128 tokens, as Flow-GRPO's FLUX trainer encodes them (diffusers' default is 512).
-                embeds, pooled, _ = pipe.encode_prompt(
-                    prompt, prompt_2=None, device=cfg.device, max_sequence_length=128
-                )
+                embeds, pooled, _ = pipe.encode_prompt(prompt, **kwargs)
                 embeddings[prompt] = (embeds[0].cpu(), pooled[0].cpu())
             else:
                 embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                    prompt,
-                    prompt_2=None,
-                    prompt_3=None,
-                    device=cfg.device,
-                    do_classifier_free_guidance=True,
-                    max_sequence_length=128,  # Flow-GRPO's T5 length; SD3 has no text mask, so padding counts
+                    prompt, prompt_3=None, do_classifier_free_guidance=True, **kwargs
                 )
                 embeddings[prompt] = (embeds[0].cpu(), pooled[0].cpu(), negative[0].cpu(), negative_pooled[0].cpu())
     transformer, vae = pipe.transformer, pipe.vae
@@ -1093,9 +1078,8 @@ def _projected(output):
 def pickscore_reward(model, tokenizer, images, prompts):
     """PickScore / 26, as Flow-GRPO scales it: logit_scale * cos(text, image) of the PickScore CLIP."""
     device = next(model.parameters()).device
-    image_embeds = F.normalize(
-        _projected(model.get_image_features(pixel_values=clip_pixels(images.to(device)))), dim=-1
-    )
+    pixels = clip_pixels(images.to(device))
+    image_embeds = F.normalize(_projected(model.get_image_features(pixel_values=pixels)), dim=-1)
     tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
     text_embeds = F.normalize(_projected(model.get_text_features(**tokens)), dim=-1)
     return model.logit_scale.exp() * (text_embeds * image_embeds).sum(-1) / 26
@@ -1144,12 +1128,9 @@ def load_dreamsim(cfg):
 
     micro_batch = sampling_micro_batch(cfg) or 8
     try:
-        model, _ = dreamsim(
-            pretrained=True,
-            device=cfg.device,  # dreamsim keeps a projection outside its modules: build it on the device, never move it
-            cache_dir=os.path.expanduser(cfg.model.dreamsim_cache),
-            dreamsim_type=cfg.model.dreamsim_type,
-        )
+        # Built on the device, never moved: dreamsim keeps a projection outside its modules.
+        cache, kind = os.path.expanduser(cfg.model.dreamsim_cache), cfg.model.dreamsim_type
+        model, _ = dreamsim(pretrained=True, device=cfg.device, cache_dir=cache, dreamsim_type=kind)
     except Exception as e:  # dreamsim raises whatever its downloader raised
         raise RunError(f"could not load DreamSim '{cfg.model.dreamsim_type}': {first_line(e)}") from None
 
@@ -1482,15 +1463,11 @@ def load_config(path, preset="toy", overrides=()):
         presets = OmegaConf.to_container(OmegaConf.load(path))
     except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as e:
         raise ConfigError(f"{path}: invalid YAML ({first_line(e)})") from None
+    presets = presets if isinstance(presets, dict) else {}
     chain, name = [], preset
     while name is not None:  # a preset over its base, over the base's base, ...
-        if (
-            not isinstance(presets, dict)
-            or not isinstance(name, str)
-            or name not in presets
-            or len(chain) > len(presets)
-        ):
-            names = ", ".join(map(str, presets)) if isinstance(presets, dict) else "none"
+        if not isinstance(name, str) or name not in presets or len(chain) > len(presets):
+            names = ", ".join(map(str, presets)) or "none"
             raise ConfigError(f"unknown preset '{name}' in {path}, or a cycle of bases (presets: {names})")
         if not isinstance(presets[name] or {}, dict):
             raise ConfigError(f"preset '{name}' in {path}: expected a mapping of keys, got {presets[name]!r}"[:300])
@@ -1510,11 +1487,6 @@ def load_config(path, preset="toy", overrides=()):
     return cfg
 
 
-def memory_gb(n):
-    """What an N x N distance matrix costs the bonus or the evaluation: about six float64 copies of it, in GB."""
-    return 6 * 8 * n * n / 2**30
-
-
 def validate(cfg):
     """Reject impossible values and combinations, before any work, with one line that names the key and its value."""
     samp, model, image = cfg.sampling, cfg.model, cfg.backbone != "toy"
@@ -1529,9 +1501,13 @@ def validate(cfg):
     prompts = TOY_PROMPTS if not image else read_prompts(model.prompts_file) if model.prompts_file else model.prompts
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30  # GB of RAM
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
-    positive = (lambda v: v > 0, "positive")
-    at_least_1 = (lambda v: v >= 1, "at least 1")
-    not_negative = (lambda v: v >= 0, "not negative")
+
+    def memory_gb(n):  # what an N x N distance matrix costs the bonus or the evaluation: ~6 float64 copies of it
+        return 6 * 8 * n * n / 2**30
+
+    def each(keys, ok, requirement):
+        return [(key, ok, requirement) for key in keys.split()]
+
     rules = [  # (key, what its value v must satisfy, what it must be); checked in order
         ("experiment", lambda v: v in EXPERIMENTS, ", ".join(EXPERIMENTS)),
         ("backbone", lambda v: v in ("toy", "sd3", "flux"), "toy, sd3 or flux"),
@@ -1543,41 +1519,27 @@ def validate(cfg):
         ("methods", lambda v: v and all(m in METHODS for m in v) and len(set(v)) == len(v),
          f"a list of {', '.join(METHODS)}, none twice"),
         ("sampling.group_size", lambda v: v >= 2, "at least 2"),
+        ("sampling.num_steps", lambda v: v >= 2, "at least 2 (the last step is never trained)"),
+        ("sampling.eval_samples", lambda v: v >= 2, "at least 2 (diversity needs pairs)"),
         ("sampling.group_size", lambda v: memory_gb(v) < memory / 2,
          f"smaller: its bonus needs ~{memory_gb(samp.group_size):.0f} GB, this machine has {memory:.0f}"),
-        ("sampling.num_steps", lambda v: v >= 2, "at least 2 (the last step is never trained)"),
-        ("sampling.eval_num_steps", *at_least_1),
-        ("sampling.eval_samples", lambda v: v >= 2, "at least 2 (diversity needs pairs)"),
         ("sampling.eval_samples", lambda v: memory_gb(v) < memory / 2,
          f"smaller: scoring them needs ~{memory_gb(samp.eval_samples):.0f} GB, this machine has {memory:.0f}"),
         ("sampling.prompts_per_iter", lambda v: 1 <= v * world <= max(len(prompts), 1),
          f"at least 1, and times {world} process(es) at most the {len(prompts)} training prompts"),
         ("sampling.noise_level", lambda v: 0 < v < 2, "in (0, 2) to train (0 is the ODE)"),
-        ("sampling.shift", *positive),
-        ("sampling.micro_batch", *not_negative),
-        ("train.iterations", *at_least_1),
         ("train.lr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
-        ("train.weight_decay", *not_negative),
-        ("train.clip_range", *positive),
-        ("train.adv_clip", *positive),
-        ("train.max_grad_norm", *positive),
-        ("train.kl_beta", *not_negative),
+        *each("sampling.shift train.clip_range train.adv_clip train.max_grad_norm train.lora_alpha toy.pretrain_lr "
+              "toy.mode_std toy.reward_width", lambda v: v > 0, "positive"),
+        *each("sampling.eval_num_steps train.iterations train.lora_rank train.eval_every train.keep_checkpoints "
+              "diverse.max_clusters toy.pretrain_iters toy.pretrain_batch toy.hidden", lambda v: v >= 1, "at least 1"),
+        *each("sampling.micro_batch train.micro_batch train.save_every train.weight_decay train.kl_beta diverse.beta "
+              "diverse.lambda_w", lambda v: v >= 0, "not negative"),
         ("train.kl_beta", lambda v: "grpo_kl" not in cfg.methods or v > 0, "positive for the grpo_kl method"),
-        ("train.lora_rank", *at_least_1),
-        ("train.lora_alpha", *positive),
-        ("train.eval_every", *at_least_1),
-        ("train.micro_batch", *not_negative),
-        ("train.save_every", *not_negative),
-        ("train.keep_checkpoints", *at_least_1),
-        ("diverse.beta", *not_negative),
         ("diverse.n_clusters", lambda v: v == "auto" or type(v) is int and 0 < v < samp.group_size,
          f"'auto' or an integer in [1, sampling.group_size = {samp.group_size})"),
         ("diverse.sigma", lambda v: v is None or v > 0, "positive, or null for local scaling"),
         ("diverse.K", lambda v: 0 <= v <= samp.num_steps - 1, f"in [0, {samp.num_steps - 1}], the trained steps"),
-        ("diverse.lambda_w", *not_negative),
-        ("diverse.max_clusters", *at_least_1),
-        *[(f"toy.{key}", *at_least_1) for key in ("pretrain_iters", "pretrain_batch", "hidden")],
-        *[(f"toy.{key}", *positive) for key in ("pretrain_lr", "mode_std", "reward_width")],
         ("model.pretrained", lambda v: not image or v, "a hub name or a local folder"),
         ("model.resolution", lambda v: v > 0 and v % 16 == 0, "a multiple of 16"),
         ("model.reward", lambda v: v in ("pickscore", "hpsv3"), "pickscore or hpsv3"),
