@@ -1298,9 +1298,16 @@ def test_ablation_runs_every_method_on_every_seed(tmp_path):
 
 
 def test_sweep_trains_grpo_then_each_beta_and_k(tmp_path):
-    summary, _ = _run_analysis("sweep", tmp_path, "analysis.betas=[0.7]", "analysis.Ks=[1]")
+    summary, records = _run_analysis(
+        "sweep", tmp_path, "analysis.betas=[0.7]", "analysis.Ks=[1]", "analysis.seeds=[0,1]"
+    )
     assert (tmp_path / "sweep.png").stat().st_size > 5_000
-    assert [row["run"] for row in summary["table"]] == ["grpo", "beta=0.7", "K=1"]
+    rows = summary["table"]
+    assert [row["run"] for row in rows] == ["grpo", "beta=0.7", "K=1"] and all(row["seeds"] == 2 for row in rows)
+    for row in rows:  # each cell is the mean and std of the two seeds' final records
+        finals = [[r for r in records if r["run"] == row["run"] and r["seed"] == s][-1] for s in (0, 1)]
+        assert row["modes"] == pytest.approx(np.mean([f["modes"] for f in finals]))
+        assert row["reward_std"] == pytest.approx(np.std([f["reward"] for f in finals]))
 
 
 def test_adaptive_k_measures_stability_in_micro_batches(tmp_path):

@@ -5,7 +5,8 @@ logged record, with its "run" and "seed"), summary.json and a figure to the pres
 
   ablation    every method of `methods` (GRPO, GRPO + KL, bonus only, regularizer only, DiverseGRPO) on each seed of
               analysis.seeds, compared at matched reward: mean +- std over the seeds, and each seed on its own.
-  sweep       DiverseGRPO at each bonus weight of analysis.betas and each K of analysis.Ks, against plain GRPO.
+  sweep       DiverseGRPO at each bonus weight of analysis.betas and each K of analysis.Ks, against plain GRPO, on
+              each seed of analysis.seeds: final metrics, mean +- std over the seeds.
   adaptive_k  DiverseGRPO with the eigengap's k and with each fixed k of analysis.n_clusters, at matched reward;
               then how stable each choice's clustering is on groups of the base model.
   branching   the base model only: samples share their first s SDE steps, then branch. How diverse the branches
@@ -192,31 +193,29 @@ def _mode_cell(row, method, baseline):
 
 
 def sweep(cfg, log):
-    """The paper's ablations of beta (bonus weight) and K (regularized steps), each against plain GRPO."""
+    """The paper's ablations of beta (bonus weight) and K (regularized steps), each against plain GRPO.
+
+    Every variant trains on each seed of analysis.seeds. A row holds the final ODE metrics and the best reward along
+    training: the mean and the population std over the seeds.
+    """
     a = cfg.analysis
     variants = [("grpo", "grpo", {})]
     variants += [(f"beta={b}", "diversegrpo", {"diverse.beta": b}) for b in a.betas]
     variants += [(f"K={k}", "diversegrpo", {"diverse.K": k}) for k in a.Ks]
     histories, _ = train_variants(cfg, variants, log)
-    rows = []
+    keys, rows = ("reward", "diversity", "vendi", "modes", "best_reward"), []
     for label, runs in histories.items():
-        last = runs[0][-1]
-        rows.append(
-            dict(
-                run=label,
-                reward=last["reward"],
-                diversity=last["diversity"],
-                vendi=last["vendi"],
-                modes=last.get("modes"),
-                best_reward=max(r["reward"] for r in runs[0]),
-            )
-        )
-    print("\nSweep: final ODE metrics (and the best reward along training)")
-    print("run          reward  diversity   vendi  modes  best reward")
+        finals = [dict(h[-1], best_reward=max(r["reward"] for r in h)) for h in runs]  # one per seed
+        row = dict(run=label, seeds=len(runs))
+        for key in keys:
+            values = [f[key] for f in finals if f.get(key) is not None]  # no modes off the toy
+            row[key], row[key + "_std"] = (float(np.mean(values)), float(np.std(values))) if values else (None, None)
+        rows.append(row)
+    print(f"\nSweep: final ODE metrics and the best reward along training, mean +- std over {rows[0]['seeds']} seed(s)")
+    print(f"{'run':<12}" + "".join(f"{key:>16}" for key in keys))
     for r in rows:
-        modes = "" if r["modes"] is None else f"{r['modes']:5.1f}"
-        metrics = f"{r['reward']:6.3f}  {r['diversity']:9.3f}  {r['vendi']:6.2f}  {modes:>5}  {r['best_reward']:11.3f}"
-        print(f"{r['run']:<12} {metrics}")
+        cells = ["" if r[k] is None else f"{r[k]:.3f}+-{r[k + '_std']:.3f}" for k in keys]
+        print(f"{r['run']:<12}" + "".join(f"{cell:>16}" for cell in cells))
     groups = {"beta": ["grpo"] + [f"beta={b}" for b in a.betas], "K": ["grpo"] + [f"K={k}" for k in a.Ks]}
     plot_training_curves(os.path.join(cfg.output_dir, "sweep.png"), histories, groups)
     return dict(table=rows)
@@ -541,7 +540,7 @@ def _save(plt, fig, path):
 
 
 def plot_training_curves(path, histories, groups):
-    """Reward and diversity against iteration (first seed), one row per group of runs: {row title: [labels]}."""
+    """Reward and diversity against iteration (the first seed), one row per group of runs: {row title: [labels]}."""
     plt = dg._pyplot()
     fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
     for row, (title, labels) in enumerate(groups.items()):
