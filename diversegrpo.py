@@ -14,7 +14,8 @@ Run     python diversegrpo.py --config configs.yaml                 (a 2-D toy, 
         python diversegrpo.py --config configs.yaml --preset sd3_pickscore
         torchrun --nproc_per_node N diversegrpo.py --config configs.yaml --preset sd3_pickscore
 Test    python -m pytest -q test_diversegrpo.py
-The paper's analyses (ablation, sweeps, branching, choice of k, cost of the bonus) live in analyses/.
+The paper's analyses (ablation, sweeps, branching, choice of k, cost of the bonus), and a study of how the bonus
+finds modes, live in analyses/.
 
 Conventions (used everywhere below)
   * Rectified flow: x_t = (1 - t) * x_0 + t * eps. t = sigma = 1 is pure noise, t = 0 is data; velocity v = eps - x_0.
@@ -87,7 +88,7 @@ class TrainConfig:
 class DiverseConfig:
     beta: float = 0.1  # weight of the creativity bonus in R = Q + beta * E
     n_clusters: int | str = "auto"  # k of the spectral clustering, or "auto" (eigengap)
-    sigma: float | None = None  # a fixed affinity bandwidth; None = local scaling, for every preset (creativity_bonus)
+    bandwidth: float | None = None  # a fixed affinity bandwidth (the paper's sigma); None = local scaling, every preset
     K: int = 4  # the regularizer acts on steps i < K
     lambda_w: float = 10.0  # weight of the squared-W2 regularizer
     max_clusters: int = 32  # n_clusters "auto" picks k <= min(max_clusters, G - 1)
@@ -141,7 +142,7 @@ class LogConfig:
 
 @dataclass
 class Config:
-    experiment: str = "compare"  # compare (this file) | ablation, sweep, adaptive_k, branching, bonus_cost (analyses/)
+    experiment: str = "compare"  # compare (this file) | one of analyses/paper_analyses.py's, as EXPERIMENTS lists
     backbone: str = "toy"  # toy | sd3 | flux
     seed: int = 0  # seeds the base model, the LoRA, every sampler noise and the clustering
     device: str = "cpu"  # torch device; under torchrun, cuda means each process's own GPU
@@ -158,7 +159,7 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
-# The main command runs "compare"; the paper's analyses (the others) run from analyses/paper_analyses.py.
+# The main command runs "compare"; the analyses (the others) run from analyses/paper_analyses.py.
 EXPERIMENTS = ("compare", "ablation", "sweep", "adaptive_k", "branching", "bonus_cost", "bonus_rules")
 
 # Which terms each method switches on. Their strengths come from the config, so every method shares one set of
@@ -220,16 +221,15 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
     sd = noise_level * torch.sqrt(sigma / (1 - sigma_denominator))
     prev_sample_mean = sample + (velocity + sd**2 / (2 * sigma) * (sample + (1 - sigma) * velocity)) * dt
     std_dev = sd * torch.sqrt(-dt)
-    if prev_sample is None and noise_level == 0:
-        prev_sample = prev_sample_mean  # the ODE: no noise to draw
-    elif prev_sample is None:
+    if noise_level == 0:  # the ODE: no noise to draw, and no density
+        prev_sample = (prev_sample_mean if prev_sample is None else prev_sample).detach().float()
+        return prev_sample, torch.zeros(sample.shape[0], device=sample.device), prev_sample_mean, std_dev
+    if prev_sample is None:
         # Drawn on the generator's device (the CPU in this project) and moved: the same seed, the same noise anywhere.
         noise_device = generator.device if generator is not None else sample.device
         noise = torch.randn(sample.shape, generator=generator, device=noise_device, dtype=torch.float32)
         prev_sample = prev_sample_mean + std_dev * noise.to(sample.device)
     prev_sample = prev_sample.detach().float()
-    if noise_level == 0:
-        return prev_sample, torch.zeros(sample.shape[0], device=sample.device), prev_sample_mean, std_dev
     log_density = (
         -((prev_sample - prev_sample_mean) ** 2) / (2 * std_dev**2)
         - torch.log(std_dev)
@@ -365,11 +365,11 @@ def eigengap_n_clusters(affinity, max_clusters, eigen_solver="dense"):
     return int(np.argmax(gaps)) + 1
 
 
-def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0, max_clusters=32, eigen_solver="auto"):
+def creativity_bonus(distances, n_clusters="auto", bandwidth=None, seed=0, max_clusters=32, eigen_solver="auto"):
     """The distributional creativity bonus of one prompt's group (paper sec 3.2): (N, N) -> (bonus (N,), labels (N,)).
 
         affinity A_ij = exp(-D_ij^2 / (s_i s_j)), s_i = distance from sample i to its (N // 4)-th nearest neighbour
-                        (local scaling, Zelnik-Manor & Perona 2004); with a fixed sigma, exp(-D_ij^2 / (2 sigma^2))
+                        (local scaling, Zelnik-Manor & Perona 2004); with a fixed bandwidth b, exp(-D_ij^2 / (2 b^2))
         labels        = spectral clustering of A into k clusters (k fixed, or "auto": eigengap, k <= N - 1)
         bonus E_i     = sqrt(N / n_k),  n_k = size of the cluster holding sample i
 
@@ -389,12 +389,12 @@ def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0, max_clust
     n = distances.shape[0]
     if n < 3 or distances.max() <= 1e-6:  # too few to split unequally, or identical up to float noise: one cluster
         return torch.ones(n), torch.zeros(n, dtype=torch.long)
-    if sigma is None:
+    if bandwidth is None:
         scale = np.sort(distances, axis=1)[:, max(n // 4, 1)]  # (N,): column 0 is each sample itself
         scale = np.maximum(scale, 1e-6 * distances.max())  # duplicates must not divide by zero
         affinity = np.exp(-(distances**2) / np.outer(scale, scale))
     else:
-        affinity = np.exp(-(distances**2) / (2 * sigma**2))
+        affinity = np.exp(-(distances**2) / (2 * bandwidth**2))
     if n_clusters == "auto":
         solver = eigen_solver if eigen_solver != "auto" else ("arpack" if n > 256 else "dense")
         k = eigengap_n_clusters(affinity, min(max_clusters, n - 1), solver)
@@ -417,12 +417,15 @@ def creativity_bonus(distances, n_clusters="auto", sigma=None, seed=0, max_clust
 #
 # A backbone is a small object that the rollout and the loop call (the toy in section 7, SD3 and FLUX in section 8):
 #   model                 the nn.Module carrying the LoRA adapters (the policy); adapters off = the reference
+#   lora_targets          the names of model's layers that get a LoRA;  device: where model runs
 #   prompts               the training prompts; eval_prompts the held-out ones
+#   sigmas(T)             the T + 1 noise levels of a T-step schedule, 1 -> 0
 #   encode(prompts)       -> a tuple of tensors with the batch first (the condition)
 #   velocity(x, sigma, cond) -> v, float32, (B, ...) like x
 #   noise(n, generator)   -> n initial latents x at sigma = 1
 #   decode(x)             -> samples: images in [0, 1], or the toy's points
 #   reward(samples, prompts) -> (B,) quality Q;  features(samples) -> (B, D), with feature_metric
+#   count_modes(samples, prompt), vendi_bandwidth: optional (the toy's), used by evaluate()
 
 
 def rollout(backbone, cond, noise, sigmas, noise_level, generator=None):
@@ -451,7 +454,10 @@ def _select(cond, index):
 
 @torch.no_grad()
 def sample_batch(backbone, cond, noise, sigmas, noise_level, chunks, generator=None):
-    """rollout() and decode() in micro-batches (chunks of row indices): latents (B, T+1, ...), log_probs, samples."""
+    """rollout() and decode() in micro-batches (chunks of row indices): latents (B, T+1, ...), log_probs, samples.
+
+    The chunks draw their noise from one generator in turn, so another micro-batch size draws other samples.
+    """
     parts = [rollout(backbone, _select(cond, c), noise[c], sigmas, noise_level, generator) for c in chunks]
     latents = torch.cat([p[0] for p in parts])  # chunks x (b, T+1, ...) -> (B, T+1, ...)
     samples = torch.cat([backbone.decode(latents[c, -1]) for c in chunks])
@@ -463,8 +469,8 @@ def sampling_micro_batch(cfg):
 
 
 def iteration_generator(*keys):
-    """A CPU generator seeded from a key such as (seed, iteration, stream, rank): a resumed or a distributed run draws
-    the same numbers without carrying a generator's state. Keys of one length only: numpy pads shorter ones with 0."""
+    """A CPU generator seeded from a key (seed, iteration, stream, rank): a resumed or a distributed run draws the same
+    numbers without carrying a generator's state. Give every key the same length: numpy pads a shorter one with 0."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
@@ -510,6 +516,10 @@ def warn(message):
     tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not through it
 
 
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
 def rank_and_world():
     """(this process's rank, number of processes): (0, 1) unless launched by torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -525,7 +535,8 @@ def group_bonus(features, P, G, diverse, metric, seed):
         rows = torch.arange(p * G, (p + 1) * G)
         rows = rows[torch.isfinite(features[rows]).all(dim=1)]  # the kept rows of group p
         distances = pairwise_distances(features[rows], metric)
-        bonus[rows], labels = creativity_bonus(distances, diverse.n_clusters, diverse.sigma, seed, diverse.max_clusters)
+        group, labels = creativity_bonus(distances, diverse.n_clusters, diverse.bandwidth, seed, diverse.max_clusters)
+        bonus[rows] = group
         n_found.append(int(labels.max()) + 1 if len(labels) else 0)
     return bonus, n_found
 
@@ -541,34 +552,36 @@ def policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigma
     """Back-propagate step_loss for every trained step and micro-batch; returns the mean loss, reg, ratio, clipped.
 
     Each backward frees its graph, so only one forward's graph is alive at a time. Each piece is weighted by its
-    share of the batch and of the trained steps; the last step's std is ~0, so it is never trained.
+    share of the batch and of the trained steps. The last step is never trained: rollout() takes it with the ODE,
+    which has no density.
     """
-    T, B, diverse = len(sigmas) - 1, len(adv), cfg.diverse
+    T, B, K, noise_level = len(sigmas) - 1, len(adv), cfg.diverse.K, cfg.sampling.noise_level
+    lambda_w = cfg.diverse.lambda_w if terms["w2"] else 0.0  # each term of the method: off, or the config's weight
+    kl_beta = cfg.train.kl_beta if terms["kl"] else 0.0
     stats = dict(loss=0.0, reg=0.0, ratio=0.0, clipped=0.0)
     for i in range(T - 1):
         for c in chunks:
             x, x_next, c_cond = latents[c, i], latents[c, i + 1], _select(cond, c)
             velocity = backbone.velocity(x, sigmas[i], c_cond)
             _, log_prob, mean, std_dev = sde_step_with_logprob(
-                velocity, x, sigmas[i], sigmas[i + 1], cfg.sampling.noise_level, prev_sample=x_next
+                velocity, x, sigmas[i], sigmas[i + 1], noise_level, prev_sample=x_next
             )
             ref_mean = None
-            if (terms["w2"] and i < diverse.K) or terms["kl"]:
+            if (lambda_w and i < K) or kl_beta:
                 with torch.no_grad(), adapters_disabled(backbone.model):  # the reference: the LoRA switched off
                     ref_velocity = backbone.velocity(x, sigmas[i], c_cond)
-                ref_mean = sde_step_with_logprob(
-                    ref_velocity, x, sigmas[i], sigmas[i + 1], cfg.sampling.noise_level, prev_sample=x_next
-                )[2]
-            lambda_w, kl_beta = diverse.lambda_w * terms["w2"], cfg.train.kl_beta * terms["kl"]
-            loss, reg = step_loss(log_prob, old_log_probs[c, i], adv[c], cfg.train.clip_range, mean, ref_mean,
-                                  std_dev, i, diverse.K, lambda_w, kl_beta)  # fmt: skip
+                _, _, ref_mean, _ = sde_step_with_logprob(
+                    ref_velocity, x, sigmas[i], sigmas[i + 1], noise_level, prev_sample=x_next
+                )
+            loss, reg = step_loss(log_prob, old_log_probs[c, i], adv[c], cfg.train.clip_range, mean, ref_mean, std_dev,
+                                  step_index=i, K=K, lambda_w=lambda_w, kl_beta=kl_beta)  # fmt: skip
             weight = len(c) / B / (T - 1)
             ((loss + reg) * weight).backward()
+            ratio = torch.exp(log_prob - old_log_probs[c, i]).detach()
             stats["loss"] += loss.item() * weight
             stats["reg"] += reg.item() * weight
-            ratio = torch.exp(log_prob - old_log_probs[c, i]).detach()
             stats["ratio"] += ratio.mean().item() * weight
-            stats["clipped"] += ((ratio - 1).abs() > cfg.train.clip_range).float().mean().item() * weight  # no gradient
+            stats["clipped"] += ((ratio - 1).abs() > cfg.train.clip_range).float().mean().item() * weight
     return stats
 
 
@@ -580,6 +593,8 @@ def optimizer_step(optimizer, params, max_grad_norm):
     """
     if dist.is_initialized():  # one all-reduce per LoRA tensor and iteration: the LoRA is small (see README)
         for p in params:
+            if p.grad is None:  # this process trained no sample (all its rewards were dropped): it adds zeros
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
@@ -645,7 +660,7 @@ def train(cfg, backbone, method, log=print, name=None):
             stop_if_asked()  # a Ctrl-C or SIGTERM during the last iteration stops here, where the state is whole
             start = time.time()
             # 1. Sample P prompts (each process its own) and a group of G trajectories for each, with the SDE.
-            order = torch.randperm(len(backbone.prompts), generator=iteration_generator(cfg.seed, iteration, 0))
+            order = torch.randperm(len(backbone.prompts), generator=iteration_generator(cfg.seed, iteration, 0, 0))
             prompts = [backbone.prompts[p] for p in order[rank * P : (rank + 1) * P] for _ in range(G)]  # (B,)
             generator = iteration_generator(cfg.seed, iteration, 1, rank)
             cond = backbone.encode(prompts)
@@ -654,23 +669,23 @@ def train(cfg, backbone, method, log=print, name=None):
             )
             # 2. Quality reward, plus the creativity bonus computed within each prompt's group (paper sec 3.2).
             quality = backbone.reward(samples, prompts)  # (B,)
-            bonus, dropped = torch.ones(B), ~torch.isfinite(quality)
+            bonus, dropped, rewards = torch.ones(B), ~torch.isfinite(quality), quality
             if terms["bonus"]:
                 features = backbone.features(samples)  # (B, D)
                 dropped |= ~torch.isfinite(features).all(dim=1)
                 bonus, n_found = group_bonus(features, P, G, cfg.diverse, backbone.feature_metric, cfg.seed)
                 period["clusters"] += n_found
-            rewards = quality + cfg.diverse.beta * bonus if terms["bonus"] else quality
+                rewards = quality + cfg.diverse.beta * bonus
             # 3. Group-normalized advantages, shared by every step of a trajectory (Flow-GRPO Eq. 4). A NaN or inf
-            #    reward (or image features) is dropped: it stands at its group's mean and gets A = 0.
+            #    reward (or image features) is dropped: it stands at its group's mean in the group's statistics.
             if dropped.any():
                 names = sorted({prompts[i] for i in dropped.nonzero().flatten().tolist()})
                 message = f"dropped {int(dropped.sum())} non-finite reward(s) of {names}"
                 warn(f"iteration {iteration}: {message}")
             adv = group_advantages(fill_dropped(rewards, dropped, P, G), clip=train_cfg.adv_clip)  # (P, G)
-            adv = adv.reshape(B).masked_fill(dropped, 0.0).to(latents.device)  # (P, G) -> (B,)
+            adv = adv.reshape(B).to(latents.device)  # (P, G) -> (B,)
             # 4. One loss per trained step and micro-batch, then one optimizer step (skipped if not finite). Dropped
-            #    samples are left out: A = 0 would not cancel a NaN in their log-prob.
+            #    samples are left out of the loss: even with A = 0, a NaN in their log-prob would reach the gradient.
             optimizer.zero_grad()
             chunks = torch.arange(B)[~dropped].split(train_cfg.micro_batch or B)
             stats = policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigmas, chunks)
@@ -709,7 +724,10 @@ def train(cfg, backbone, method, log=print, name=None):
                 save_checkpoint(cfg, backbone, optimizer, name, done, history)
         stop_if_asked()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see stop_if_asked), or an exception of that kind in a test
-        # Raised between iterations, or before this iteration's optimizer.step(): `done` describes the weights exactly.
+        if len(STOP_SIGNALS) > 1:  # asked twice: stopped wherever it was, perhaps in the middle of optimizer.step()
+            tqdm.write("stopped at once: no checkpoint written, the weights may hold half a step", file=sys.stderr)
+            raise
+        # Under main()'s handlers a first signal is raised between iterations: `done` describes the weights exactly.
         path = save_checkpoint(cfg, backbone, optimizer, name, done, history)
         tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
         raise
@@ -1047,10 +1065,6 @@ def load_diffusers_backbone(cfg):
     return DiffusersBackbone(cfg, transformer, vae, embeddings, reward_fn, embed_fn, prompts, eval_prompts)
 
 
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-
-
 # ---- 9. Rewards and the embedder of the creativity bonus ----
 
 
@@ -1165,7 +1179,7 @@ def evaluate(cfg, backbone, return_samples=False, image_path=None):
         rewards.append(backbone.reward(x, [prompt] * n).mean().item())
         diversities.append(diversity_score(features, backbone.feature_metric))
         vendis.append(vendi_score(features, backbone.feature_metric, getattr(backbone, "vendi_bandwidth", None)))
-        if isinstance(backbone, ToyBackbone):
+        if hasattr(backbone, "count_modes"):  # the toy knows its modes
             modes.append(backbone.count_modes(x, prompt))
         samples[prompt] = x.cpu()
     metrics = dict(reward=float(np.mean(rewards)), diversity=float(np.mean(diversities)), vendi=float(np.mean(vendis)))
@@ -1489,7 +1503,7 @@ def load_config(path, preset="toy", overrides=()):
 
 def validate(cfg):
     """Reject impossible values and combinations, before any work, with one line that names the key and its value."""
-    samp, model, image = cfg.sampling, cfg.model, cfg.backbone != "toy"
+    sampling, model, image = cfg.sampling, cfg.model, cfg.backbone != "toy"
     for key in ("prompts_file", "eval_prompts_file"):
         path = getattr(model, key)
         try:
@@ -1522,9 +1536,9 @@ def validate(cfg):
         ("sampling.num_steps", lambda v: v >= 2, "at least 2 (the last step is never trained)"),
         ("sampling.eval_samples", lambda v: v >= 2, "at least 2 (diversity needs pairs)"),
         ("sampling.group_size", lambda v: memory_gb(v) < memory / 2,
-         f"smaller: its bonus needs ~{memory_gb(samp.group_size):.0f} GB, this machine has {memory:.0f}"),
+         f"smaller: its bonus needs ~{memory_gb(sampling.group_size):.0f} GB, this machine has {memory:.0f}"),
         ("sampling.eval_samples", lambda v: memory_gb(v) < memory / 2,
-         f"smaller: scoring them needs ~{memory_gb(samp.eval_samples):.0f} GB, this machine has {memory:.0f}"),
+         f"smaller: scoring them needs ~{memory_gb(sampling.eval_samples):.0f} GB, this machine has {memory:.0f}"),
         ("sampling.prompts_per_iter", lambda v: 1 <= v * world <= max(len(prompts), 1),
          f"at least 1, and times {world} process(es) at most the {len(prompts)} training prompts"),
         ("sampling.noise_level", lambda v: 0 < v < 2, "in (0, 2) to train (0 is the ODE)"),
@@ -1536,10 +1550,10 @@ def validate(cfg):
         *each("sampling.micro_batch train.micro_batch train.save_every train.weight_decay train.kl_beta diverse.beta "
               "diverse.lambda_w", lambda v: v >= 0, "not negative"),
         ("train.kl_beta", lambda v: "grpo_kl" not in cfg.methods or v > 0, "positive for the grpo_kl method"),
-        ("diverse.n_clusters", lambda v: v == "auto" or type(v) is int and 0 < v < samp.group_size,
-         f"'auto' or an integer in [1, sampling.group_size = {samp.group_size})"),
-        ("diverse.sigma", lambda v: v is None or v > 0, "positive, or null for local scaling"),
-        ("diverse.K", lambda v: 0 <= v <= samp.num_steps - 1, f"in [0, {samp.num_steps - 1}], the trained steps"),
+        ("diverse.n_clusters", lambda v: v == "auto" or type(v) is int and 0 < v < sampling.group_size,
+         f"'auto' or an integer in [1, sampling.group_size = {sampling.group_size})"),
+        ("diverse.bandwidth", lambda v: v is None or v > 0, "positive, or null for local scaling"),
+        ("diverse.K", lambda v: 0 <= v < sampling.num_steps, f"in [0, {sampling.num_steps - 1}], the trained steps"),
         ("model.pretrained", lambda v: not image or v, "a hub name or a local folder"),
         ("model.resolution", lambda v: v > 0 and v % 16 == 0, "a multiple of 16"),
         ("model.reward", lambda v: v in ("pickscore", "hpsv3"), "pickscore or hpsv3"),
@@ -1674,9 +1688,9 @@ STOP_SIGNALS = []  # the signals that asked this process to stop; main() install
 
 
 def _ask_to_stop(signum, frame):
-    if STOP_SIGNALS:  # asked twice: stop at once
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
     STOP_SIGNALS.append(signum)
+    if len(STOP_SIGNALS) > 1:  # asked twice: stop at once (train() then writes no checkpoint)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def stop_if_asked():

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -175,7 +176,7 @@ def test_bonus_with_n_not_above_k_does_not_crash(n):
 
 def test_bonus_disconnected_graph():
     points = torch.cat([torch.zeros(3, 2), torch.full((3, 2), 100.0)])  # affinity between the blobs underflows to 0
-    bonus, labels = dg.creativity_bonus(dg.pairwise_distances(points), n_clusters=2, sigma=0.1)
+    bonus, labels = dg.creativity_bonus(dg.pairwise_distances(points), n_clusters=2, bandwidth=0.1)
     assert torch.isfinite(bonus).all() and len(set(labels.tolist())) == 2
 
 
@@ -190,7 +191,7 @@ def test_bonus_same_seed_same_labels():
 def test_bonus_eigengap_counts_blobs():
     centres = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0], [3.0, 3.0]])
     points = centres.repeat_interleave(5, 0) + 0.05 * torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
-    bonus, labels = dg.creativity_bonus(dg.pairwise_distances(points), n_clusters="auto", sigma=0.5)
+    bonus, labels = dg.creativity_bonus(dg.pairwise_distances(points), n_clusters="auto", bandwidth=0.5)
     assert len(set(labels.tolist())) == 4
     torch.testing.assert_close(bonus, torch.full((20,), 2.0))
 
@@ -216,7 +217,7 @@ def test_each_presets_bonus_rewards_the_rare_mode_of_planted_groups(preset, monk
                 for _ in range(5):
                     features, modes = pa.planted_group(sizes, geometry, scale, g)
                     metric = "cosine" if geometry == "cosine" else "euclidean"
-                    bonus, _ = dg.creativity_bonus(dg.pairwise_distances(features, metric), d.n_clusters, d.sigma,
+                    bonus, _ = dg.creativity_bonus(dg.pairwise_distances(features, metric), d.n_clusters, d.bandwidth,
                                                    0, d.max_clusters)  # fmt: skip
                     ratio, win = pa.rare_and_common(bonus, modes)
                     ratios.append(ratio)
@@ -522,7 +523,7 @@ def test_every_update_skipped_stops_with_a_checkpoint(tmp_path, monkeypatch):
 
 def test_an_inert_bonus_is_logged_and_warned_about(tmp_path, capsys):
     # A bandwidth far below every distance: the affinity is the identity, the eigengap finds k = 1, E = 1 for all.
-    cfg = _tiny_cfg(tmp_path, "diverse.sigma=1e-9", "train.eval_every=1", "train.iterations=4")
+    cfg = _tiny_cfg(tmp_path, "diverse.bandwidth=1e-9", "train.eval_every=1", "train.iterations=4")
     history = dg.train(cfg, dg.ToyBackbone(cfg), "bonus_only", log=_quiet)
     assert [r["k1_share"] for r in history[1:]] == [1.0] * 4 and history[-1]["bonus"] == 1.0
     assert capsys.readouterr().err.count("the bonus was constant") == 1  # once, not at every evaluation
@@ -973,6 +974,33 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
     monkeypatch.setattr(dg, "grpo_loss", real_loss)
     dg.run(_tiny_cfg(tmp_path / "interrupted", *extra, "resume=true"))
     assert _metrics(tmp_path / "interrupted" / "metrics.jsonl") == _metrics(tmp_path / "straight" / "metrics.jsonl")
+
+
+def test_a_process_that_trained_no_sample_still_joins_the_gradient_average():
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        param = torch.nn.Parameter(torch.ones(3))  # no backward ran: its .grad is None
+        grad_norm = dg.optimizer_step(torch.optim.SGD([param], lr=0.1), [param], max_grad_norm=1.0)
+        assert grad_norm == 0.0 and torch.equal(param.grad, torch.zeros(3)) and torch.equal(param.data, torch.ones(3))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch, capsys):
+    real_loss = dg.grpo_loss
+
+    def signal_twice_inside_an_update(*args):  # the second signal raises here, mid-iteration
+        dg._ask_to_stop(signal.SIGINT, None)
+        dg._ask_to_stop(signal.SIGINT, None)
+        return real_loss(*args)
+
+    monkeypatch.setattr(dg, "grpo_loss", signal_twice_inside_an_update)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dg.run(_tiny_cfg(tmp_path, "methods=[grpo]"))
+    finally:
+        dg.STOP_SIGNALS.clear()
+    assert not (tmp_path / "checkpoints").exists() and "no checkpoint written" in capsys.readouterr().err
 
 
 def test_a_finished_run_can_be_extended(tmp_path, capsys):

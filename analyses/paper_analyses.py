@@ -107,7 +107,7 @@ def with_changes(cfg, changes):
 
 def creativity_bonus(distances, diverse, n_clusters, seed=0, eigen_solver="auto"):
     """dg.creativity_bonus with the config's affinity settings: the one place that knows its keywords."""
-    return dg.creativity_bonus(distances, n_clusters, diverse.sigma, seed, diverse.max_clusters, eigen_solver)
+    return dg.creativity_bonus(distances, n_clusters, diverse.bandwidth, seed, diverse.max_clusters, eigen_solver)
 
 
 # ---- Training several variants from the same base ----
@@ -506,9 +506,9 @@ def bonus_rules(cfg, log, draws=10):
                 for _ in range(draws):
                     features, modes = planted_group(sizes, geometry, scale, generator)
                     distances = dg.pairwise_distances(features, metric)
-                    sigma = bandwidth(distances) if bandwidth else None
+                    fixed = bandwidth(distances) if bandwidth else None
                     bonus, labels = dg.creativity_bonus(
-                        distances, cfg.diverse.n_clusters, sigma, cfg.seed, cfg.diverse.max_clusters
+                        distances, cfg.diverse.n_clusters, fixed, cfg.seed, cfg.diverse.max_clusters
                     )
                     ratio, win = rare_and_common(bonus, modes)
                     ratios, wins, k1 = ratios + [ratio], wins + [win], k1 + [labels.max().item() == 0]
