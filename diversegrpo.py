@@ -1398,15 +1398,16 @@ def _flat(tree, prefix=""):
 
 
 def check_previous_run(cfg):
-    """Refuse another run's config (resume may extend iterations, eval_every and save_every), or checkpoints without
-    resume."""
+    """Refuse another run's config, or checkpoints without resume. log.tensorboard may change, and with resume
+    iterations, eval_every and save_every (that extends a run)."""
     out, path = cfg.output_dir, os.path.join(cfg.output_dir, "config.json")
     current = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))  # the same JSON types as the file's
     try:
         previous = _flat(json.load(open(path))) if os.path.exists(path) else current
     except (OSError, ValueError) as e:
         raise ConfigError(f"output_dir {out}: unreadable config.json ({first_line(e)}); delete it") from None
-    extendable = ["resume"] + (["train.iterations", "train.eval_every", "train.save_every"] if cfg.resume else [])
+    extendable = ["resume", "log.tensorboard"]  # neither changes what is trained
+    extendable += ["train.iterations", "train.eval_every", "train.save_every"] if cfg.resume else []
     changed = [k for k in sorted(previous.keys() | current.keys()) if previous.get(k) != current.get(k)]
     if changed := [k for k in changed if k not in extendable]:
         raise ConfigError(f"output_dir {out} holds a run with another config (differs in: {', '.join(changed)});"
@@ -1501,9 +1502,17 @@ def load_config(path, preset="toy", overrides=()):
     return cfg
 
 
+def memory_gb(n):
+    """What an N x N distance matrix costs the bonus or the evaluation: about six float64 copies of it, in GB."""
+    return 6 * 8 * n * n / 2**30
+
+
 def validate(cfg):
     """Reject impossible values and combinations, before any work, with one line that names the key and its value."""
     sampling, model, image = cfg.sampling, cfg.model, cfg.backbone != "toy"
+    for key, value in _flat(dataclasses.asdict(cfg)).items():
+        if isinstance(value, float) and not math.isfinite(value):  # inf and nan pass every comparison below
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
     for key in ("prompts_file", "eval_prompts_file"):
         path = getattr(model, key)
         try:
@@ -1515,9 +1524,7 @@ def validate(cfg):
     prompts = TOY_PROMPTS if not image else read_prompts(model.prompts_file) if model.prompts_file else model.prompts
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30  # GB of RAM
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
-
-    def memory_gb(n):  # what an N x N distance matrix costs the bonus or the evaluation: ~6 float64 copies of it
-        return 6 * 8 * n * n / 2**30
+    cuda = torch.cuda.is_available()
 
     def each(keys, ok, requirement):
         return [(key, ok, requirement) for key in keys.split()]
@@ -1526,7 +1533,8 @@ def validate(cfg):
         ("experiment", lambda v: v in EXPERIMENTS, ", ".join(EXPERIMENTS)),
         ("backbone", lambda v: v in ("toy", "sd3", "flux"), "toy, sd3 or flux"),
         ("dtype", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
-        ("device", lambda v: image or (v, cfg.dtype) == ("cpu", "float32"), "cpu, in float32, for the toy"),
+        ("dtype", lambda v: image or v == "float32", "float32 for the toy"),
+        ("device", lambda v: image or v == "cpu", "cpu for the toy"),
         ("seed", lambda v: type(v) is int and 0 <= v < 2**32, "an integer in [0, 2**32), as numpy and sklearn need"),
         ("analysis.seeds", lambda v: all(type(s) is int and 0 <= s < 2**32 for s in v), "integers in [0, 2**32)"),
         ("output_dir", lambda v: v, "a folder"),
@@ -1542,9 +1550,10 @@ def validate(cfg):
         ("sampling.prompts_per_iter", lambda v: 1 <= v * world <= max(len(prompts), 1),
          f"at least 1, and times {world} process(es) at most the {len(prompts)} training prompts"),
         ("sampling.noise_level", lambda v: 0 < v < 2, "in (0, 2) to train (0 is the ODE)"),
-        ("train.lr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
-        *each("sampling.shift train.clip_range train.adv_clip train.max_grad_norm train.lora_alpha toy.pretrain_lr "
-              "toy.mode_std toy.reward_width", lambda v: v > 0, "positive"),
+        *each("train.lora_rank toy.hidden", lambda v: v <= 4096, "at most 4096"),
+        ("toy.pretrain_batch", lambda v: v <= 2**20, "at most 2**20"),
+        *each("train.lr sampling.shift train.clip_range train.adv_clip train.max_grad_norm train.lora_alpha "
+              "toy.pretrain_lr toy.mode_std toy.reward_width", lambda v: v > 0, "positive"),
         *each("sampling.eval_num_steps train.iterations train.lora_rank train.eval_every train.keep_checkpoints "
               "diverse.max_clusters toy.pretrain_iters toy.pretrain_batch toy.hidden", lambda v: v >= 1, "at least 1"),
         *each("sampling.micro_batch train.micro_batch train.save_every train.weight_decay train.kl_beta diverse.beta "
@@ -1561,12 +1570,14 @@ def validate(cfg):
          "pickscore here: hpsv3 needs the hpsv3 package (pip install hpsv3; see README)"),
         ("model.prompts", lambda v: not image or prompts, "a list, or give model.prompts_file"),
         ("model.eval_prompts", lambda v: not image or v or model.eval_prompts_file, "a list (or a file)"),
+        ("device", lambda v: torch.device(v).type == "cpu" or torch.device(v).type == "cuda" and cuda,
+         "cpu, or cuda on a machine with a GPU"),  # last: the image presets' other checks run on any machine
     ]  # fmt: skip
     for key, ok, requirement in rules:
         value = functools.reduce(getattr, key.split("."), cfg)
         try:
             good = ok(value)
-        except (TypeError, ValueError):  # a value of a type the check cannot compare, such as a list of lists
+        except (TypeError, ValueError, RuntimeError):  # a value the check cannot compare or parse, such as a list
             good = False
         if not good:
             raise ConfigError(f"{key}: must be {requirement}, got {value!r}"[:300])
@@ -1700,6 +1711,32 @@ def stop_if_asked():
         raise Terminated() if STOP_SIGNALS[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
+@contextlib.contextmanager
+def one_line_exit():
+    """Turn a RunError, running out of memory, Ctrl-C or SIGTERM into one line on stderr and an exit status.
+
+    While inside, Ctrl-C and SIGTERM ask train() to stop after its iteration (see stop_if_asked).
+    """
+    handlers = {signum: signal.signal(signum, _ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (MemoryError, RuntimeError) as e:  # out of memory, on the CPU or the GPU; any other error is a bug
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
+            raise
+        print(f"error: out of memory ({first_line(e)}); see README, 'CUDA out of memory'", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        print("error: terminated" if isinstance(e, Terminated) else "error: interrupted", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        STOP_SIGNALS.clear()
+
+
 def main(argv=None):
     import yaml
 
@@ -1717,7 +1754,8 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.preset, args.set)
         if cfg.experiment != "compare":
-            command = f"python analyses/paper_analyses.py --config {args.config} --preset {args.preset}"
+            sets = "".join(f" --set {text}" for text in args.set)
+            command = f"python analyses/paper_analyses.py --config {args.config} --preset {args.preset}{sets}"
             raise ConfigError(f"preset '{args.preset}' is one of the paper's analyses: run {command}")
         setup_processes(cfg)
         lock = claim_output_dir(cfg) if rank_and_world()[0] == 0 else None  # noqa: F841 (held until exit)
@@ -1729,21 +1767,12 @@ def main(argv=None):
     defaults, settings = _flat(dataclasses.asdict(Config())), _flat(dataclasses.asdict(cfg))
     changed = [f"  {k} = {v}" for k, v in settings.items() if defaults.get(k) != v and not k.endswith("prompts")]
     print(f"preset {args.preset}; settings that differ from the defaults:", *changed, sep="\n")
-    handlers = {signum: signal.signal(signum, _ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run(cfg)
-        if dist.is_initialized():  # the others wait for process 0's last evaluation before they all leave the group
-            dist.barrier()
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as e:
-        print("error: terminated" if isinstance(e, Terminated) else "error: interrupted", file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        with one_line_exit():
+            run(cfg)
+            if dist.is_initialized():  # the others wait for process 0's last evaluation before they all leave the group
+                dist.barrier()
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        STOP_SIGNALS.clear()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """Tests of diversegrpo.py and analyses/, in the order of the file. Run: python -m pytest -q test_diversegrpo.py"""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -986,6 +987,28 @@ def test_a_process_that_trained_no_sample_still_joins_the_gradient_average():
         torch.distributed.destroy_process_group()
 
 
+def test_out_of_memory_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    def allocate_too_much(cfg):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 4e13 bytes")
+
+    monkeypatch.setattr(dg, "run", allocate_too_much)
+    with pytest.raises(SystemExit) as exit_info:
+        dg.main(["--set", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and err[0].startswith("error: out of memory"), err
+    monkeypatch.setattr(dg, "run", lambda cfg: 1 / 0)  # any other error is a bug: its traceback stays
+    with pytest.raises(ZeroDivisionError):
+        dg.main(["--set", f"output_dir={tmp_path / 'other'}"])
+
+
+def test_turning_tensorboard_on_does_not_make_another_run(tmp_path):
+    cfg = _tiny_cfg(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    dg.check_previous_run(_tiny_cfg(tmp_path, "log.tensorboard=true"))  # no error
+    with pytest.raises(dg.ConfigError, match="train.lr"):
+        dg.check_previous_run(_tiny_cfg(tmp_path, "train.lr=1e-3"))
+
+
 def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch, capsys):
     real_loss = dg.grpo_loss
 
@@ -1164,6 +1187,17 @@ BAD_INPUTS = {  # name: (extra command-line arguments, a word the one-line error
     "output_dir is a file": (["--set", "output_dir=A_FILE"], "is a file"),
     "output_dir cannot be written": (["--set", "output_dir=/proc/diversegrpo"], "cannot write"),
     "toy on a GPU": (["--set", "device=cuda"], "device"),
+    "toy in bfloat16": (["--set", "dtype=bfloat16"], "dtype"),
+    "a device torch does not know": (["--preset", "sd3_pickscore", "--set", "device=gpu"], "device"),
+    "an infinite bonus weight": (["--set", "diverse.beta=inf"], "diverse.beta"),
+    "an infinite regularizer weight": (["--set", "diverse.lambda_w=inf"], "diverse.lambda_w"),
+    "an infinite guidance scale": (
+        ["--preset", "sd3_pickscore", "--set", "model.guidance_scale=-inf"],
+        "guidance_scale",
+    ),
+    "a huge LoRA rank": (["--set", "train.lora_rank=100000000"], "train.lora_rank"),
+    "a huge toy network": (["--set", "toy.hidden=10000000"], "toy.hidden"),
+    "an analysis set on the command line": (["--set", "experiment=ablation"], "--set experiment=ablation"),
     "unknown dtype": (["--preset", "sd3_pickscore", "--set", "dtype=foo"], "dtype"),
     "missing prompts file": (["--preset", "sd3_pickscore", "--set", "model.prompts_file=/nope.txt"], "prompts_file"),
     "empty prompts file": (["--preset", "sd3_pickscore", "--set", "model.prompts_file=EMPTY_FILE"], "no prompts"),
@@ -1209,7 +1243,13 @@ def test_diverging_training_stops_in_one_line_with_exit_1(tmp_path, capsys):
 
 def test_a_real_preset_without_weights_fails_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        dg.main(["--preset", "sd3_pickscore", *_sets("model.pretrained=/nonexistent/sd3", f"output_dir={tmp_path}")])
+        dg.main(
+            [
+                "--preset",
+                "sd3_pickscore",
+                *_sets("model.pretrained=/nonexistent/sd3", "device=cpu", f"output_dir={tmp_path}"),
+            ]
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and len(err) == 1, err
     assert err[0].startswith("error: could not load the sd3 weights '/nonexistent/sd3'")
@@ -1291,10 +1331,11 @@ def test_bad_process_setups_are_refused(tmp_path, monkeypatch):
         _tiny_cfg(tmp_path, "sampling.prompts_per_iter=1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU for two processes
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     cfg = dg.load_config(CONFIG, "sd3_pickscore", ["device=cuda", "sampling.prompts_per_iter=1"])
-    if torch.cuda.device_count() < 2:
-        with pytest.raises(dg.ConfigError, match="GPU per process"):
-            dg.setup_processes(cfg)
+    with pytest.raises(dg.ConfigError, match="GPU per process"):
+        dg.setup_processes(cfg)
 
 
 # ---- the paper's analyses (analyses/paper_analyses.py), each with tiny settings ----
@@ -1387,6 +1428,8 @@ def test_bonus_rules_compares_the_median_bandwidth_with_local_scaling(tmp_path):
         ("sweep", "analysis.betas=[0.7,0.7]", "analysis.betas"),
         ("adaptive_k", "analysis.n_clusters=[auto,24]", "analysis.n_clusters"),
         ("bonus_cost", "analysis.group_sizes=[24]", "analysis.group_sizes"),
+        ("bonus_cost", "analysis.group_sizes=[24,3000000]", "analysis.group_sizes"),  # terabytes of distances
+        ("sweep", "analysis.betas=[inf]", "analysis.betas"),
         ("branching", "analysis.trunks=0", "analysis.trunks"),
         ("branching", "experiment=fancy", "experiment"),
     ],

@@ -24,8 +24,8 @@ The training itself (GRPO, the bonus, the regularizer) is diversegrpo.py's; this
 import argparse
 import copy
 import functools
+import math
 import os
-import signal
 import sys
 import time
 
@@ -55,6 +55,7 @@ def validate_analysis(cfg):
     """Reject an analysis list that cannot run, before any training, with one line that names the key."""
     a, steps, group = cfg.analysis, cfg.sampling.num_steps, cfg.sampling.group_size
     experiment = cfg.experiment
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30  # GB of RAM
 
     def number(x):
         return type(x) in (int, float)
@@ -62,7 +63,11 @@ def validate_analysis(cfg):
     checks = [  # (key, what must hold, what it must be)
         ("experiment", experiment in ANALYSES, f"one of {', '.join(ANALYSES)}"),
         ("analysis.seeds", all(type(s) is int for s in a.seeds), "a list of integers"),
-        ("analysis.betas", experiment != "sweep" or all(number(b) and b >= 0 for b in a.betas), "numbers >= 0"),
+        (
+            "analysis.betas",
+            experiment != "sweep" or all(number(b) and 0 <= b < math.inf for b in a.betas),
+            "finite numbers >= 0",
+        ),
         (
             "analysis.Ks",
             experiment != "sweep" or all(type(k) is int and 0 <= k < steps for k in a.Ks),
@@ -76,8 +81,11 @@ def validate_analysis(cfg):
         (
             "analysis.group_sizes",
             experiment != "bonus_cost"
-            or (len(a.group_sizes) >= 2 and all(type(n) is int and n >= 3 for n in a.group_sizes)),
-            "two or more integers >= 3",
+            or (
+                len(a.group_sizes) >= 2
+                and all(type(n) is int and 3 <= n and dg.memory_gb(n) < memory / 2 for n in a.group_sizes)
+            ),
+            f"two or more integers >= 3 that fit half of this machine's {memory:.0f} GB (N = 10,000 needs ~4.5 GB)",
         ),
         ("analysis.trunks", a.trunks >= 1, "at least 1"),
         ("analysis.stability_groups", a.stability_groups >= 1, "at least 1"),
@@ -319,6 +327,7 @@ def branching_curves(cfg, backbone, prompt, measures, generator):
     trunk_seeds = torch.randint(2**31, (cfg.analysis.trunks,), generator=generator).tolist()
     curves = {name: [] for name in measures}
     for shared in range(T + 1):
+        dg.stop_if_asked()  # Ctrl-C or SIGTERM between the branching points
         values = {name: [] for name in measures}
         for trunk_seed in trunk_seeds:
             trunk_generator = torch.Generator().manual_seed(trunk_seed)
@@ -428,6 +437,7 @@ def bonus_cost(cfg, log):
     warm_up = dg.toy_data(torch.zeros(24, dtype=torch.long), cfg.toy.mode_std)
     creativity_bonus(dg.pairwise_distances(warm_up), cfg.diverse, cfg.diverse.n_clusters)
     for n in a.group_sizes:
+        dg.stop_if_asked()  # Ctrl-C or SIGTERM between the timings
         features = dg.toy_data(torch.zeros(n, dtype=torch.long), cfg.toy.mode_std, generator)  # the ring's 8 modes
         row = dict(group_size=n, **{s: time_bonus(features, cfg.diverse, s, a.repeats) for s in ("dense", "arpack")})
         rows.append(row)
@@ -625,8 +635,6 @@ def main(argv=None):
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a value, e.g. analysis.trunks=4"
     )
     args = parser.parse_args(argv)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # a training run checkpoints on SIGTERM as on Ctrl-C
-        signal.signal(signum, dg._ask_to_stop)
     try:
         cfg = load_config(args.config, args.preset, args.set)
         lock = dg.claim_output_dir(cfg)  # noqa: F841 (held until exit)
@@ -636,15 +644,8 @@ def main(argv=None):
     if cfg.backbone == "toy" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # the toy's tiny matmuls gain nothing from threads, and a busy machine costs 10x
     print(f"preset {args.preset}: {cfg.experiment} on the {cfg.backbone} backbone, writing to {cfg.output_dir}")
-    try:
+    with dg.one_line_exit():  # the same errors and exit statuses as diversegrpo.py's
         return run_analysis(cfg)
-    except dg.RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as e:
-        terminated = isinstance(e, dg.Terminated)
-        print("error: terminated" if terminated else "error: interrupted", file=sys.stderr)
-        sys.exit(143 if terminated else 130)
 
 
 if __name__ == "__main__":
