@@ -553,7 +553,9 @@ def policy_update(cfg, backbone, terms, cond, latents, old_log_probs, adv, sigma
 
     Each backward frees its graph, so only one forward's graph is alive at a time. Each piece is weighted by its
     share of the batch and of the trained steps. The last step is never trained: rollout() takes it with the ODE,
-    which has no density.
+    which has no density. train() makes one optimizer step of it all, so that step is on-policy: ratio == 1 and the
+    PPO clip never binds (exactly on the CPU; on a GPU, bf16 and other micro-batch shapes move it slightly, as the
+    logged ratio and clipped show). Flow-GRPO splits a batch into several optimizer steps; the clip matters there.
     """
     T, B, K, noise_level = len(sigmas) - 1, len(adv), cfg.diverse.K, cfg.sampling.noise_level
     lambda_w = cfg.diverse.lambda_w if terms["w2"] else 0.0  # each term of the method: off, or the config's weight
@@ -635,13 +637,10 @@ def bonus_was_constant(history, last=3):
 def train(cfg, backbone, method, log=print, name=None):
     """Fine-tune a fresh LoRA on `backbone` with one method of METHODS; returns its evaluation history (a list).
 
-    Each iteration takes one optimizer step, accumulated over every trained denoising step, so the first (and only)
-    update after sampling is on-policy: ratio == 1 and the PPO clip never binds (exactly on the CPU; on a GPU, bf16
-    and other micro-batch shapes can move it slightly, and the logged ratio shows by how much). Flow-GRPO splits a batch
-    into several optimizer steps; the clip range matters there. With cfg.resume it continues from the newest
-    checkpoint of this run; Ctrl-C or SIGTERM writes one for the last finished iteration before it stops. `name`
-    labels the run's checkpoints and images (default: the method). Under torchrun, each process trains on its own
-    prompts, and process 0 evaluates, logs and writes checkpoints.
+    One optimizer step per iteration (see policy_update). With cfg.resume it continues from the newest checkpoint of
+    this run; Ctrl-C or SIGTERM writes one for the last finished iteration before it stops. `name` labels the run's
+    checkpoints and images (default: the method). Under torchrun each process trains on its own prompts, and process 0
+    evaluates, logs and writes checkpoints.
     """
     name, terms, train_cfg = name or method, METHODS[method], cfg.train
     P, G, T = cfg.sampling.prompts_per_iter, cfg.sampling.group_size, cfg.sampling.num_steps
