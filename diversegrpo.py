@@ -517,7 +517,8 @@ def warn(message):
 
 
 def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= 300 else line[:297] + "..."  # long messages are cut, visibly
 
 
 def rank_and_world():
