@@ -1491,13 +1491,15 @@ def load_config(path, preset="toy", overrides=()):
         chain.insert(0, node)
     if any("=" not in text for text in overrides):
         raise ConfigError(f"--set expects key=value, got '{next(t for t in overrides if '=' not in t)}'")
-    try:
-        cfg = OmegaConf.to_object(
-            OmegaConf.merge(OmegaConf.structured(Config), *chain, OmegaConf.from_dotlist(list(overrides)))
-        )
+    cfg, source = OmegaConf.structured(Config), f"preset '{preset}' in {path}"
+    try:  # one layer at a time, so an error without a key (`--set train=3`) can still name where it came from
+        for node in chain:
+            cfg = OmegaConf.merge(cfg, node)
+        for source in (f"--set {text}" for text in overrides):
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([source[6:]]))
+        cfg = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        raise ConfigError(f"{key}: {first_line(e)}" if key else first_line(e)) from None
+        raise ConfigError(f"{getattr(e, 'full_key', None) or source}: {first_line(e)}") from None
     validate(cfg)
     return cfg
 

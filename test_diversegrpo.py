@@ -1165,6 +1165,8 @@ BAD_INPUTS = {  # name: (extra command-line arguments, a word the one-line error
     "override without =": (["--set", "train.lr"], "key=value"),
     "wrong type": (["--set", "train.iterations=1.5"], "train.iterations"),
     "a list for a number": (["--set", "diverse.n_clusters=[2]"], "diverse.n_clusters"),
+    "a number for a section": (["--set", "train=3"], "--set train=3"),
+    "a number for a section in YAML": (["--config", "SECTION_YAML"], "preset 'toy'"),
     "negative seed": (["--set", "seed=-1"], "seed"),
     "seed past 2**32": (["--set", "seed=4294967296"], "seed"),
     "a huge seed": (["--set", "seed=99999999999999999999"], "seed"),
@@ -1216,6 +1218,7 @@ def test_bad_input_gives_one_line_and_exit_2(name, tmp_path, capsys):
     replacements = {
         "INVALID_YAML": _write(tmp_path, "invalid.yaml", "toy: [unclosed\n"),
         "NESTED_YAML": _write(tmp_path, "nested.yaml", "toy:\n  train:\n    lrr: 1\n"),
+        "SECTION_YAML": _write(tmp_path, "section.yaml", "toy:\n  train: 3\n"),
         "BAD_BASE_YAML": _write(tmp_path, "base.yaml", "toy:\n  base: nowhere\n"),
         "BINARY_YAML": _write(tmp_path, "binary.yaml", "toy:\n  seed: \udcff\n"),
         "model.prompts_file=BINARY_YAML": f"model.prompts_file={_write(tmp_path, 'binary.txt', chr(0xDCFF) * 3)}",
