@@ -142,7 +142,7 @@ class LogConfig:
 
 @dataclass
 class Config:
-    experiment: str = "compare"  # compare (this file) | one of analyses/paper_analyses.py's, as EXPERIMENTS lists
+    experiment: str = "compare"  # compare (this file) | one of analyses/paper_analyses.py's ANALYSES (EXPERIMENTS)
     backbone: str = "toy"  # toy | sd3 | flux
     seed: int = 0  # seeds the base model, the LoRA, every sampler noise and the clustering
     device: str = "cpu"  # torch device; under torchrun, cuda means each process's own GPU
@@ -729,7 +729,8 @@ def train(cfg, backbone, method, log=print, name=None):
             raise
         # Under main()'s handlers a first signal is raised between iterations: `done` describes the weights exactly.
         path = save_checkpoint(cfg, backbone, optimizer, name, done, history)
-        tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
+        if rank == 0:
+            tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
         raise
     return history
 
@@ -1323,7 +1324,7 @@ def save_checkpoint(cfg, backbone, optimizer, name, iteration, history):
 
     root = os.path.join(cfg.output_dir, "checkpoints", name)
     final = os.path.join(root, f"{iteration:06d}")
-    if rank_and_world()[0] != 0:
+    if rank_and_world()[0] != 0 or os.path.isdir(final):  # saved already: a stop right after save_every changes nothing
         return final
     partial = final + ".partial"
     shutil.rmtree(partial, ignore_errors=True)  # left by a crash in the middle of a write
@@ -1333,7 +1334,6 @@ def save_checkpoint(cfg, backbone, optimizer, name, iteration, history):
     state = dict(lora=get_peft_model_state_dict(backbone.model), optimizer=optimizer.state_dict(),
                  torch_rng=torch.get_rng_state(), iteration=iteration, history=history)  # fmt: skip
     torch.save(state, os.path.join(partial, "training_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     for old in sorted(n for n in os.listdir(root) if n.isdigit())[: -cfg.train.keep_checkpoints]:
         shutil.rmtree(os.path.join(root, old))
@@ -1413,8 +1413,11 @@ def check_previous_run(cfg):
         raise ConfigError(f"output_dir {out} holds a run with another config (differs in: {', '.join(changed)});"
                           " choose another output_dir or delete it")  # fmt: skip
     checkpoints = os.path.join(out, "checkpoints")
-    if not cfg.resume and any(any(n.isdigit() for n in os.listdir(r)) for r, _, _ in os.walk(checkpoints)):
+    saved = [int(n) for r, _, _ in os.walk(checkpoints) for n in os.listdir(r) if n.isdigit()]
+    if saved and not cfg.resume:
         raise ConfigError(f"output_dir {out} holds checkpoints: continue with --set resume=true, or delete them")
+    if saved and max(saved) > cfg.train.iterations:
+        raise ConfigError(f"train.iterations: {cfg.train.iterations}, but output_dir {out} has {max(saved)} done")
 
 
 def claim_output_dir(cfg):
@@ -1441,6 +1444,21 @@ def claim_output_dir(cfg):
     except ConfigError:
         lock.close()  # refused: release the folder at once
         raise
+    return lock
+
+
+def claim_output_dir_on_process_0(cfg):
+    """claim_output_dir() on process 0; under torchrun the others learn its answer, so that all start or none."""
+    lock, refusal = None, [""]
+    if rank_and_world()[0] == 0:
+        try:
+            lock = claim_output_dir(cfg)
+        except ConfigError as e:
+            refusal = [str(e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise ConfigError(refusal[0])
     return lock
 
 
@@ -1485,7 +1503,7 @@ def load_config(path, preset="toy", overrides=()):
             names = ", ".join(map(str, presets)) or "none"
             raise ConfigError(f"unknown preset '{name}' in {path}, or a cycle of bases (presets: {names})")
         if not isinstance(presets[name] or {}, dict):
-            raise ConfigError(f"preset '{name}' in {path}: expected a mapping of keys, got {presets[name]!r}"[:300])
+            raise ConfigError(f"preset '{name}' in {path}: expected a mapping of keys, got {presets[name]!r}")
         node = dict(presets[name] or {})
         name = node.pop("base", None)
         chain.insert(0, node)
@@ -1582,7 +1600,7 @@ def validate(cfg):
         except (TypeError, ValueError, RuntimeError):  # a value the check cannot compare or parse, such as a list
             good = False
         if not good:
-            raise ConfigError(f"{key}: must be {requirement}, got {value!r}"[:300])
+            raise ConfigError(f"{key}: must be {requirement}, got {value!r}")
 
 
 def build_backbone(cfg):
@@ -1602,6 +1620,13 @@ def train_fresh(cfg, method, log, name):
     return history, evaluate(cfg, backbone, return_samples=True)[1] if toy else None
 
 
+def write_json(path, value):
+    """Write a JSON file whole or not at all: a temporary file first, then renamed over `path`."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def make_log(cfg, files):
     """log(record): every number to metrics.jsonl, one short line to the terminal, and TensorBoard if asked.
 
@@ -1611,9 +1636,7 @@ def make_log(cfg, files):
 
     def log(record):
         if not files:  # training has started: now the previous run's files give way
-            with open(os.path.join(cfg.output_dir, "config.json.tmp"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=1)
-            os.replace(os.path.join(cfg.output_dir, "config.json.tmp"), os.path.join(cfg.output_dir, "config.json"))
+            write_json(os.path.join(cfg.output_dir, "config.json"), dataclasses.asdict(cfg))
             with contextlib.suppress(FileNotFoundError):  # a crash must not leave the previous run's summary behind
                 os.remove(os.path.join(cfg.output_dir, "summary.json"))
             files["metrics"] = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w")
@@ -1672,8 +1695,7 @@ def run(cfg):
 def finish(cfg, summary, start, files):
     """Write summary.json (with the wall time since `start`), close the log's files, and say where everything went."""
     summary["wall_seconds"] = time.time() - start
-    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     for handle in files.values():
         handle.close()
     print(f"\nwrote metrics.jsonl, summary.json and figures to {cfg.output_dir} ({summary['wall_seconds']:.1f} s)")
@@ -1708,22 +1730,26 @@ def _ask_to_stop(signum, frame):
 
 def stop_if_asked():
     """Raise the stop that a signal asked for. train() calls it between iterations, so that the checkpoint it then
-    writes never holds half an optimizer step."""
-    if STOP_SIGNALS:
-        raise Terminated() if STOP_SIGNALS[0] == signal.SIGTERM else KeyboardInterrupt()
+    writes never holds half an optimizer step. Under torchrun the processes agree first: if one was asked, all stop
+    here, and none is left waiting in the next all-reduce."""
+    asked = torch.tensor(STOP_SIGNALS[0] if STOP_SIGNALS else 0)
+    if dist.is_initialized():
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX)  # SIGTERM (15) over Ctrl-C's SIGINT (2)
+    if asked := asked.item():
+        raise Terminated() if asked == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextlib.contextmanager
 def one_line_exit():
-    """Turn a RunError, running out of memory, Ctrl-C or SIGTERM into one line on stderr and an exit status.
+    """Turn a RunError, an OSError, running out of memory, Ctrl-C or SIGTERM into one line and an exit status.
 
     While inside, Ctrl-C and SIGTERM ask train() to stop after its iteration (see stop_if_asked).
     """
     handlers = {signum: signal.signal(signum, _ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (RunError, OSError) as e:  # OSError: a full disk, a folder that became unwritable, ...
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)
     except (MemoryError, RuntimeError) as e:  # out of memory, on the CPU or the GPU; any other error is a bug
         if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
@@ -1753,28 +1779,31 @@ def main(argv=None):
         "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=1e-3; repeatable"
     )
     args = parser.parse_args(argv)
+    lock = None
     try:
-        cfg = load_config(args.config, args.preset, args.set)
-        if cfg.experiment != "compare":
-            sets = "".join(f" --set {text}" for text in args.set)
-            command = f"python analyses/paper_analyses.py --config {args.config} --preset {args.preset}{sets}"
-            raise ConfigError(f"preset '{args.preset}' is one of the paper's analyses: run {command}")
-        setup_processes(cfg)
-        lock = claim_output_dir(cfg) if rank_and_world()[0] == 0 else None  # noqa: F841 (held until exit)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if cfg.backbone == "toy" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # the toy's tiny matmuls gain nothing from threads, and a busy machine costs 10x
-    defaults, settings = _flat(dataclasses.asdict(Config())), _flat(dataclasses.asdict(cfg))
-    changed = [f"  {k} = {v}" for k, v in settings.items() if defaults.get(k) != v and not k.endswith("prompts")]
-    print(f"preset {args.preset}; settings that differ from the defaults:", *changed, sep="\n")
-    try:
+        try:
+            cfg = load_config(args.config, args.preset, args.set)
+            if cfg.experiment != "compare":
+                sets = "".join(f" --set {text}" for text in args.set)
+                command = f"python analyses/paper_analyses.py --config {args.config} --preset {args.preset}{sets}"
+                raise ConfigError(f"preset '{args.preset}' is one of the paper's analyses: run {command}")
+            setup_processes(cfg)
+            lock = claim_output_dir_on_process_0(cfg)
+        except ConfigError as e:
+            print(f"error: {first_line(e)}", file=sys.stderr)  # cut if long: a value can be a huge list
+            sys.exit(2)
+        if cfg.backbone == "toy" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(1)  # the toy's tiny matmuls gain nothing from threads, and a busy machine costs 10x
+        defaults, settings = _flat(dataclasses.asdict(Config())), _flat(dataclasses.asdict(cfg))
+        changed = [f"  {k} = {v}" for k, v in settings.items() if defaults.get(k) != v and not k.endswith("prompts")]
+        print(f"preset {args.preset}; settings that differ from the defaults:", *changed, sep="\n")
         with one_line_exit():
             run(cfg)
             if dist.is_initialized():  # the others wait for process 0's last evaluation before they all leave the group
                 dist.barrier()
-    finally:
+    finally:  # also on an error: a caller that keeps the exception (pytest, a notebook) must not keep the folder
+        if lock is not None:
+            lock.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,6 +1,7 @@
 """Tests of diversegrpo.py and analyses/, in the order of the file. Run: python -m pytest -q test_diversegrpo.py"""
 
 import dataclasses
+import fcntl
 import importlib.util
 import json
 import math
@@ -598,7 +599,8 @@ def test_toy_command_writes_outputs(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["methods"] == ["grpo", "diversegrpo"]
     # Three iterations on a base pretrained for 30 need not improve: the table, or the line that says why there is none.
-    assert len(summary["table"]) == 4 or "(no reward level above the base's" in out
+    table = summary["table"]
+    assert (len(table) == 4 and f"{table[0]['reward']:.3f}" in out) if table else "(no reward level above the" in out
     assert (tmp_path / "toy.png").stat().st_size > 10_000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -1037,6 +1039,21 @@ def test_a_finished_run_can_be_extended(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # anything but the length, evaluation and saving is still refused
         dg.main(["--set", f"output_dir={tmp_path / 'extended'}", *_sets(*TINY, *short, "train.lr=1", "resume=true")])
     assert exit_info.value.code == 2 and "train.lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # nor fewer iterations than the checkpoints have done
+        dg.main(["--set", f"output_dir={tmp_path / 'extended'}", *_sets(*TINY, *short, "resume=true")])
+    assert exit_info.value.code == 2 and "train.iterations: 3, but" in capsys.readouterr().err
+
+
+def test_saving_an_iteration_again_keeps_the_checkpoint_there(tmp_path, monkeypatch):
+    cfg = _tiny_cfg(tmp_path)
+    backbone = dg.ToyBackbone(cfg)
+    params = dg.add_lora(backbone.model, cfg.train.lora_rank, cfg.train.lora_alpha, backbone.lora_targets)
+    optimizer = torch.optim.AdamW(params)
+    first = dg.save_checkpoint(cfg, backbone, optimizer, "grpo", 2, history=[])
+    saves = []
+    monkeypatch.setattr(torch, "save", lambda *args: saves.append(args))  # a stop right after save_every
+    assert dg.save_checkpoint(cfg, backbone, optimizer, "grpo", 2, history=[]) == first
+    assert saves == [] and os.listdir(os.path.dirname(first)) == ["000002"]  # never removed, not even for a moment
 
 
 def test_resume_with_nothing_to_resume_starts_fresh(tmp_path, capsys):
@@ -1242,6 +1259,21 @@ def test_diverging_training_stops_in_one_line_with_exit_1(tmp_path, capsys):
         dg.main(["--set", f"output_dir={tmp_path}", *_sets(*TINY, "train.lr=1e6", "methods=[grpo]")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and err[-1].startswith("error: ") and "train.lr" in err[-1], err
+    with open(tmp_path / ".lock") as f:  # main() let go of the folder, though pytest keeps its exception
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    def full_disk(cfg):
+        raise OSError(28, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+    monkeypatch.setattr(dg, "run", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        dg.main(["--set", f"output_dir={tmp_path}", *_sets(*TINY)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and err == [
+        f"error: [Errno 28] No space left on device: '{tmp_path}/metrics.jsonl'"
+    ]
 
 
 def test_a_real_preset_without_weights_fails_in_one_line(tmp_path, capsys):
@@ -1304,6 +1336,36 @@ def test_two_processes_make_the_same_update_as_one(tmp_path):
     assert any(p.abs().sum() > 0 for p in one[1::2])  # the B matrices moved
     for a, b in zip(one, two, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _agreement_worker(rank, world, folder):
+    """One of two processes. Process 0 refuses the output folder, and only process 1 got a SIGTERM: both must stop."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    seen = []
+    try:
+        dg.claim_output_dir_on_process_0(dg.load_config(CONFIG, "toy", [*TINY, f"output_dir={folder}/out", "seed=1"]))
+    except dg.ConfigError as e:
+        seen.append(str(e))
+    dg.STOP_SIGNALS[:] = [signal.SIGTERM] if rank == 1 else []
+    try:
+        dg.stop_if_asked()
+    except dg.Terminated:
+        seen.append("terminated")
+    dg.STOP_SIGNALS.clear()
+    dg.write_json(os.path.join(folder, f"seen_{rank}.json"), seen)
+    dist.destroy_process_group()
+
+
+def test_processes_agree_to_refuse_a_start_and_to_stop(tmp_path):
+    import torch.multiprocessing as mp
+
+    (tmp_path / "out").mkdir()  # a folder that holds another run (seed 0): process 0 refuses it
+    dg.write_json(str(tmp_path / "out" / "config.json"), dataclasses.asdict(_tiny_cfg(tmp_path / "out")))
+    mp.spawn(_agreement_worker, args=(2, str(tmp_path)), nprocs=2)
+    seen = [json.load(open(tmp_path / f"seen_{rank}.json")) for rank in (0, 1)]
+    assert seen[0] == seen[1] and "differs in: seed" in seen[0][0] and seen[0][1] == "terminated", seen
 
 
 def test_torchrun_writes_one_metrics_file_and_resumes(tmp_path):
@@ -1442,6 +1504,17 @@ def test_bad_analysis_config_is_one_line_and_exit_2(preset, override, key, tmp_p
         pa.main(["--config", CONFIG, "--preset", preset, "--set", override, "--set", f"output_dir={tmp_path}"])
     error = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and error.startswith("error: ") and key in error and "\n" not in error
+
+
+def test_the_experiments_diversegrpo_accepts_are_the_analyses_there_are():
+    assert dg.EXPERIMENTS == ("compare", *pa.ANALYSES)
+
+
+def test_a_long_bad_value_is_cut_on_its_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pa.main(["--config", CONFIG, "--preset", "sweep", "--set", f"analysis.Ks=[{'11,' * 500}11]"])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and error.startswith("error: analysis.Ks") and error.endswith("...")
 
 
 def test_run_error_exits_1(tmp_path, monkeypatch, capsys):

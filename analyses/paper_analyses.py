@@ -61,8 +61,6 @@ def validate_analysis(cfg):
         return type(x) in (int, float)
 
     checks = [  # (key, what must hold, what it must be)
-        ("experiment", experiment in ANALYSES, f"one of {', '.join(ANALYSES)}"),
-        ("analysis.seeds", all(type(s) is int for s in a.seeds), "a list of integers"),
         (
             "analysis.betas",
             experiment != "sweep" or all(number(b) and 0 <= b < math.inf for b in a.betas),
@@ -100,7 +98,7 @@ def validate_analysis(cfg):
     for key, ok, requirement in checks:
         if not ok:
             value = functools.reduce(getattr, key.split("."), cfg)
-            raise dg.ConfigError(f"{key}: must be {requirement}, got {value!r}"[:300])
+            raise dg.ConfigError(f"{key}: must be {requirement}, got {value!r}")
 
 
 def with_changes(cfg, changes):
@@ -114,7 +112,7 @@ def with_changes(cfg, changes):
 
 
 def creativity_bonus(distances, diverse, n_clusters, seed=0, eigen_solver="auto"):
-    """dg.creativity_bonus with the config's affinity settings: the one place that knows its keywords."""
+    """dg.creativity_bonus with the config's bandwidth and max_clusters, and the number of clusters given."""
     return dg.creativity_bonus(distances, n_clusters, diverse.bandwidth, seed, diverse.max_clusters, eigen_solver)
 
 
@@ -637,14 +635,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.preset, args.set)
-        lock = dg.claim_output_dir(cfg)  # noqa: F841 (held until exit)
+        lock = dg.claim_output_dir(cfg)  # an open file: the folder is ours until it is closed
     except dg.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {dg.first_line(e)}", file=sys.stderr)
         sys.exit(2)
     if cfg.backbone == "toy" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # the toy's tiny matmuls gain nothing from threads, and a busy machine costs 10x
     print(f"preset {args.preset}: {cfg.experiment} on the {cfg.backbone} backbone, writing to {cfg.output_dir}")
-    with dg.one_line_exit():  # the same errors and exit statuses as diversegrpo.py's
+    with lock, dg.one_line_exit():  # the same errors and exit statuses as diversegrpo.py's
         return run_analysis(cfg)
 
 
