@@ -1365,8 +1365,13 @@ def load_checkpoint(cfg, name, backbone, optimizer):
                 os.replace(os.path.join(root, folder), os.path.join(root, folder + ".unreadable"))
     else:
         raise RunError(f"no readable checkpoint of {name}: delete {root} to train {name} afresh")
-    set_peft_model_state_dict(backbone.model, state["lora"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        set_peft_model_state_dict(backbone.model, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError):  # a config.json edited by hand (say, another LoRA rank)
+        raise RunError(
+            f"{path} has other tensor shapes than this config: resume with the config that wrote it"
+        ) from None
     torch.set_rng_state(state["torch_rng"])
     tqdm.write(f"resumed {name} from {os.path.dirname(path)}")
     return state["history"], state["iteration"]
@@ -1399,14 +1404,17 @@ def _flat(tree, prefix=""):
 
 def check_previous_run(cfg):
     """Refuse another run's config, or checkpoints without resume. log.tensorboard may change, and with resume
-    iterations, eval_every and save_every (that extends a run)."""
+    iterations, eval_every and save_every (that extends a run). output_dir may be spelled another way, or moved."""
     out, path = cfg.output_dir, os.path.join(cfg.output_dir, "config.json")
-    current = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))  # the same JSON types as the file's
+    config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # the same JSON types as the file's
     try:
-        previous = _flat(json.load(open(path))) if os.path.exists(path) else current
+        previous = json.load(open(path)) if os.path.exists(path) else config
     except (OSError, ValueError) as e:
         raise ConfigError(f"output_dir {out}: unreadable config.json ({first_line(e)}); delete it") from None
-    extendable = ["resume", "log.tensorboard"]  # neither changes what is trained
+    if not isinstance(previous, dict):  # valid JSON, but no config
+        raise ConfigError(f"output_dir {out}: config.json holds no config; delete it")
+    previous, current = _flat(previous), _flat(config)
+    extendable = ["output_dir", "resume", "log.tensorboard"]  # none changes what is trained
     extendable += ["train.iterations", "train.eval_every", "train.save_every"] if cfg.resume else []
     changed = [k for k in sorted(previous.keys() | current.keys()) if previous.get(k) != current.get(k)]
     if changed := [k for k in changed if k not in extendable]:
@@ -1414,6 +1422,8 @@ def check_previous_run(cfg):
                           " choose another output_dir or delete it")  # fmt: skip
     checkpoints = os.path.join(out, "checkpoints")
     saved = [int(n) for r, _, _ in os.walk(checkpoints) for n in os.listdir(r) if n.isdigit()]
+    if saved and not os.path.exists(path):  # deleted by hand: nothing to check the checkpoints' config against
+        raise ConfigError(f"output_dir {out} holds checkpoints but no config.json: restore it, or delete them")
     if saved and not cfg.resume:
         raise ConfigError(f"output_dir {out} holds checkpoints: continue with --set resume=true, or delete them")
     if saved and max(saved) > cfg.train.iterations:

@@ -1003,6 +1003,35 @@ def test_out_of_memory_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
         dg.main(["--set", f"output_dir={tmp_path / 'other'}"])
 
 
+def test_an_output_folder_spelled_another_way_or_moved_is_the_same_run(tmp_path, monkeypatch):
+    dg.main(["--set", f"output_dir={tmp_path / 'a'}", *_sets(*TINY, "methods=[grpo]", "train.save_every=3")])
+    os.rename(tmp_path / "a", tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    overrides = [*TINY, "methods=[grpo]", "train.save_every=3", "output_dir=./b/", "resume=true"]
+    dg.check_previous_run(dg.load_config(CONFIG, "toy", overrides))  # no error
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [("[1, 2]", "config.json holds no config"), ("{", "unreadable config.json"), (None, "but no config.json")],
+)
+def test_a_damaged_config_json_beside_checkpoints_is_refused(damage, needle, tmp_path):
+    dg.main(["--set", f"output_dir={tmp_path}", *_sets(*TINY, "methods=[grpo]", "train.save_every=3")])
+    os.remove(tmp_path / "config.json")
+    if damage is not None:
+        (tmp_path / "config.json").write_text(damage)
+    with pytest.raises(dg.ConfigError, match=needle):
+        dg.check_previous_run(_tiny_cfg(tmp_path, "methods=[grpo]", "train.save_every=3", "resume=true"))
+
+
+def test_a_checkpoint_of_other_shapes_is_one_line(tmp_path):
+    cfg = _tiny_cfg(tmp_path, "train.save_every=3")
+    dg.train(cfg, dg.ToyBackbone(cfg), "grpo", log=_quiet)
+    wider = _tiny_cfg(tmp_path, "train.save_every=3", "resume=true", "train.lora_rank=2")  # config.json edited by hand
+    with pytest.raises(dg.RunError, match="other tensor shapes"):
+        dg.train(wider, dg.ToyBackbone(wider), "grpo", log=_quiet)
+
+
 def test_turning_tensorboard_on_does_not_make_another_run(tmp_path):
     cfg = _tiny_cfg(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
