@@ -655,6 +655,7 @@ def train(cfg, backbone, method, log=print, name=None):
     period, skipped_in_a_row = new_period(), 0  # counts since the last metrics line
     bar = tqdm(range(done + 1, train_cfg.iterations + 1), desc=name, initial=done, total=train_cfg.iterations,
                disable=None if rank == 0 else True)  # fmt: skip
+    STOPS_WAIT[0] = True  # from here a first Ctrl-C or SIGTERM waits for the end of its iteration (stop_if_asked)
     try:
         for iteration in bar:
             stop_if_asked()  # a Ctrl-C or SIGTERM during the last iteration stops here, where the state is whole
@@ -732,6 +733,8 @@ def train(cfg, backbone, method, log=print, name=None):
         if rank == 0:
             tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
         raise
+    finally:
+        STOPS_WAIT[0] = False
     return history
 
 
@@ -1729,13 +1732,15 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what `timeout` and schedulers send), handled like Ctrl-C: a checkpoint, one line, exit 143."""
 
 
-STOP_SIGNALS = []  # the signals that asked this process to stop; main() installs the handler
+STOP_SIGNALS = []  # the signals that asked this process to stop; one_line_exit() installs the handler
+STOPS_WAIT = [False]  # True inside train()'s loop, where a first signal waits for the end of its iteration
 
 
 def _ask_to_stop(signum, frame):
     STOP_SIGNALS.append(signum)
-    if len(STOP_SIGNALS) > 1:  # asked twice: stop at once (train() then writes no checkpoint)
+    if len(STOP_SIGNALS) > 1 or not STOPS_WAIT[0]:  # asked twice, or outside training: stop at once
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    os.write(2, b"\nstopping after this iteration, with a checkpoint (again: stop at once, with none)\n")
 
 
 def stop_if_asked():
@@ -1753,7 +1758,7 @@ def stop_if_asked():
 def one_line_exit():
     """Turn a RunError, an OSError, running out of memory, Ctrl-C or SIGTERM into one line and an exit status.
 
-    While inside, Ctrl-C and SIGTERM ask train() to stop after its iteration (see stop_if_asked).
+    While inside, Ctrl-C and SIGTERM stop at once, but in train()'s loop they wait for the end of the iteration.
     """
     handlers = {signum: signal.signal(signum, _ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -1057,6 +1057,20 @@ def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, monkeypatc
     assert not (tmp_path / "checkpoints").exists() and "no checkpoint written" in capsys.readouterr().err
 
 
+def test_a_signal_outside_training_stops_at_once(tmp_path, monkeypatch, capsys):
+    real_build = dg.build_backbone
+
+    def ctrl_c_while_loading(cfg):  # as main()'s handler gets it, while the model loads (or the toy pretrains)
+        dg._ask_to_stop(signal.SIGINT, None)
+        return real_build(cfg)
+
+    monkeypatch.setattr(dg, "build_backbone", ctrl_c_while_loading)
+    with pytest.raises(SystemExit) as exit_info:
+        dg.main(["--set", f"output_dir={tmp_path}", *_sets(*TINY, "train.save_every=1")])
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_a_finished_run_can_be_extended(tmp_path, capsys):
     short = ["methods=[grpo]", "train.save_every=1", "train.eval_every=1"]
     dg.run(_tiny_cfg(tmp_path / "straight", *short, "train.iterations=5"))

@@ -27,6 +27,7 @@ import functools
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -325,7 +326,6 @@ def branching_curves(cfg, backbone, prompt, measures, generator):
     trunk_seeds = torch.randint(2**31, (cfg.analysis.trunks,), generator=generator).tolist()
     curves = {name: [] for name in measures}
     for shared in range(T + 1):
-        dg.stop_if_asked()  # Ctrl-C or SIGTERM between the branching points
         values = {name: [] for name in measures}
         for trunk_seed in trunk_seeds:
             trunk_generator = torch.Generator().manual_seed(trunk_seed)
@@ -435,7 +435,6 @@ def bonus_cost(cfg, log):
     warm_up = dg.toy_data(torch.zeros(24, dtype=torch.long), cfg.toy.mode_std)
     creativity_bonus(dg.pairwise_distances(warm_up), cfg.diverse, cfg.diverse.n_clusters)
     for n in a.group_sizes:
-        dg.stop_if_asked()  # Ctrl-C or SIGTERM between the timings
         features = dg.toy_data(torch.zeros(n, dtype=torch.long), cfg.toy.mode_std, generator)  # the ring's 8 modes
         row = dict(group_size=n, **{s: time_bonus(features, cfg.diverse, s, a.repeats) for s in ("dense", "arpack")})
         rows.append(row)
@@ -443,8 +442,9 @@ def bonus_cost(cfg, log):
     # Growth exponent p of time ~ N^p between the two largest groups, where fixed overheads matter least.
     (small, large), ratio = rows[-2:], rows[-1]["group_size"] / rows[-2]["group_size"]
     slopes = {s: float(np.log(large[s] / small[s]) / np.log(ratio)) for s in ("dense", "arpack")}
-    timing = with_changes(cfg, {"train.iterations": 5, "train.eval_every": 5})
-    iteration = dg.train(timing, dg.build_backbone(timing), "diversegrpo", log=lambda r: None)[-1]["iter_seconds"]
+    with tempfile.TemporaryDirectory() as scratch:  # a stop during the timing leaves no checkpoint in output_dir
+        timing = with_changes(cfg, {"train.iterations": 5, "train.eval_every": 5, "output_dir": scratch})
+        iteration = dg.train(timing, dg.build_backbone(timing), "diversegrpo", log=lambda r: None)[-1]["iter_seconds"]
     print("\nWall time of the creativity bonus for one group (distances, affinity, eigengap, clustering, bonus):")
     print("N       dense eigengap  arpack eigengap")
     for r in rows:
