@@ -1179,7 +1179,8 @@ def evaluate(cfg, backbone, return_samples=False, image_path=None):
         x = sample_batch(backbone, cond, backbone.noise(n, generator), sigmas, 0.0, chunks)[2]
         features = backbone.features(x)
         if not torch.isfinite(features).all():
-            raise RunError("the evaluation's samples are not finite: the weights diverged; try a lower train.lr")
+            message = "the weights diverged (try a lower train.lr), or the sampler overflows (a huge sampling.shift)"
+            raise RunError(f"the evaluation's samples are not finite: {message}")
         rewards.append(backbone.reward(x, [prompt] * n).mean().item())
         diversities.append(diversity_score(features, backbone.feature_metric))
         vendis.append(vendi_score(features, backbone.feature_metric, getattr(backbone, "vendi_bandwidth", None)))
@@ -1580,6 +1581,7 @@ def validate(cfg):
          f"smaller: its bonus needs ~{memory_gb(sampling.group_size):.0f} GB, this machine has {memory:.0f}"),
         ("sampling.eval_samples", lambda v: memory_gb(v) < memory / 2,
          f"smaller: scoring them needs ~{memory_gb(sampling.eval_samples):.0f} GB, this machine has {memory:.0f}"),
+        ("model.prompts", lambda v: not image or prompts, "a list, or give model.prompts_file"),
         ("sampling.prompts_per_iter", lambda v: 1 <= v * world <= max(len(prompts), 1),
          f"at least 1, and times {world} process(es) at most the {len(prompts)} training prompts"),
         ("sampling.noise_level", lambda v: 0 < v < 2, "in (0, 2) to train (0 is the ODE)"),
@@ -1601,7 +1603,6 @@ def validate(cfg):
         ("model.reward", lambda v: v in ("pickscore", "hpsv3"), "pickscore or hpsv3"),
         ("model.reward", lambda v: not image or v != "hpsv3" or importlib.util.find_spec("hpsv3"),
          "pickscore here: hpsv3 needs the hpsv3 package (pip install hpsv3; see README)"),
-        ("model.prompts", lambda v: not image or prompts, "a list, or give model.prompts_file"),
         ("model.eval_prompts", lambda v: not image or v or model.eval_prompts_file, "a list (or a file)"),
         ("device", lambda v: torch.device(v).type == "cpu" or torch.device(v).type == "cuda" and cuda,
          "cpu, or cuda on a machine with a GPU"),  # last: the image presets' other checks run on any machine
@@ -1711,7 +1712,8 @@ def finish(cfg, summary, start, files):
     write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     for handle in files.values():
         handle.close()
-    print(f"\nwrote metrics.jsonl, summary.json and figures to {cfg.output_dir} ({summary['wall_seconds']:.1f} s)")
+    written = ", ".join(sorted(n for n in os.listdir(cfg.output_dir) if n.endswith((".json", ".jsonl", ".png"))))
+    print(f"\nwrote {written} to {cfg.output_dir} ({summary['wall_seconds']:.1f} s)")
     return summary
 
 

@@ -1,7 +1,7 @@
 """The paper's analyses of DiverseGRPO, run on the toy (or, where they make sense, on SD3 or FLUX).
 
 Each is a preset of configs.yaml whose `experiment` names it; each writes config.json, metrics.jsonl (one line per
-logged record, with its "run" and "seed"), summary.json and a figure to the preset's output_dir.
+logged record, with its "run" and "seed"), summary.json and (all but bonus_rules) a figure to the preset's output_dir.
 
   ablation    every method of `methods` (GRPO, GRPO + KL, bonus only, regularizer only, DiverseGRPO) on each seed of
               analysis.seeds, compared at matched reward: mean +- std over the seeds, and each seed on its own.
