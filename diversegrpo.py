@@ -1813,7 +1813,8 @@ def main(argv=None):
             torch.set_num_threads(1)  # the toy's tiny matmuls gain nothing from threads, and a busy machine costs 10x
         defaults, settings = _flat(dataclasses.asdict(Config())), _flat(dataclasses.asdict(cfg))
         changed = [f"  {k} = {v}" for k, v in settings.items() if defaults.get(k) != v and not k.endswith("prompts")]
-        print(f"preset {args.preset}; settings that differ from the defaults:", *changed, sep="\n")
+        if rank_and_world()[0] == 0:  # once, not once per process
+            print(f"preset {args.preset}; settings that differ from the defaults:", *changed, sep="\n")
         with one_line_exit():
             run(cfg)
             if dist.is_initialized():  # the others wait for process 0's last evaluation before they all leave the group
