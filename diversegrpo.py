@@ -725,17 +725,22 @@ def train(cfg, backbone, method, log=print, name=None):
                 save_checkpoint(cfg, backbone, optimizer, name, done, history)
         stop_if_asked()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see stop_if_asked), or an exception of that kind in a test
-        if len(STOP_SIGNALS) > 1:  # asked twice: stopped wherever it was, perhaps in the middle of optimizer.step()
-            tqdm.write("stopped at once: no checkpoint written, the weights may hold half a step", file=sys.stderr)
-            raise
-        # Under main()'s handlers a first signal is raised between iterations: `done` describes the weights exactly.
-        path = save_checkpoint(cfg, backbone, optimizer, name, done, history)
-        if rank == 0:
-            tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
+        checkpoint_after_stop(cfg, backbone, optimizer, name, done, history)
         raise
     finally:
         STOPS_WAIT[0] = False
     return history
+
+
+def checkpoint_after_stop(cfg, backbone, optimizer, name, done, history):
+    """A first Ctrl-C or SIGTERM stops train() between iterations, where `done` describes the weights exactly: write a
+    checkpoint. A second one stopped it wherever it was, perhaps in the middle of optimizer.step(): write none."""
+    if len(STOP_SIGNALS) > 1:
+        tqdm.write("stopped at once: no checkpoint written, the weights may hold half a step", file=sys.stderr)
+        return
+    path = save_checkpoint(cfg, backbone, optimizer, name, done, history)
+    if rank_and_world()[0] == 0:
+        tqdm.write(f"interrupted: wrote {path}; continue with --set resume=true", file=sys.stderr)
 
 
 # ---- 7. Backbones: the toy 2-D flow model (SD3 and FLUX follow in section 8) ----
