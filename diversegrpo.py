@@ -1763,13 +1763,16 @@ def stop_if_asked():
 
 @contextlib.contextmanager
 def one_line_exit():
-    """Turn a RunError, an OSError, running out of memory, Ctrl-C or SIGTERM into one line and an exit status.
+    """Turn a ConfigError, RunError, OSError, running out of memory, Ctrl-C or SIGTERM into one line and an exit status.
 
     While inside, Ctrl-C and SIGTERM stop at once, but in train()'s loop they wait for the end of the iteration.
     """
     handlers = {signum: signal.signal(signum, _ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except ConfigError as e:  # checked up front as a rule; this catches a config built later (an analysis's variant)
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        sys.exit(2)
     except (RunError, OSError) as e:  # OSError: a full disk, a folder that became unwritable, ...
         print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)

@@ -1560,6 +1560,14 @@ def test_a_long_bad_value_is_cut_on_its_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and error.startswith("error: analysis.Ks") and error.endswith("...")
 
 
+def test_a_bad_variant_found_during_an_analysis_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pa, "run_analysis", lambda cfg: pa.with_changes(cfg, {"diverse.K": 11}))  # no rule caught it
+    with pytest.raises(SystemExit) as exit_info:
+        pa.main(["--config", CONFIG, "--preset", "sweep", "--set", f"output_dir={tmp_path}"])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and error.startswith("error: diverse.K") and "\n" not in error, error
+
+
 def test_run_error_exits_1(tmp_path, monkeypatch, capsys):
     def no_weights(cfg):
         raise dg.RunError("could not load the weights")
