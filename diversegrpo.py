@@ -1532,8 +1532,9 @@ def load_config(path, preset="toy", overrides=()):
     try:  # one layer at a time, so an error without a key (`--set train=3`) can still name where it came from
         for node in chain:
             cfg = OmegaConf.merge(cfg, node)
-        for source in (f"--set {text}" for text in overrides):
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([source[6:]]))
+        for text in overrides:
+            source = f"--set {text}"
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([text]))
         cfg = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{getattr(e, 'full_key', None) or source}: {first_line(e)}") from None
